@@ -1,0 +1,3 @@
+from fleet_agent.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,95 @@
+"""MQTT connection discipline shared by every fleet process: TCP_NODELAY, capped
+exponential backoff with jitter, and the one reconnect loop each process uses."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import aiomqtt
+
+if TYPE_CHECKING:
+    from fleet_agent.settings import BrokerSettings
+
+# Without TCP_NODELAY every QoS 1 round trip stalls on delayed ACKs (~40-90 ms instead of ~1 ms).
+NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter, so a fleet never reconnects in lockstep."""
+
+    def __init__(self, minimum: float, maximum: float, *, rng: random.Random | None = None) -> None:
+        self.minimum = minimum
+        self.maximum = max(maximum, minimum)
+        self._attempt = 0
+        self._rng = rng or random.Random()
+
+    def reset(self) -> None:
+        self._attempt = 0
+
+    def next_delay(self) -> float:
+        ceiling = min(self.maximum, self.minimum * 2**self._attempt)
+        self._attempt = min(self._attempt + 1, 32)
+        return self._rng.uniform(self.minimum / 2, ceiling)
+
+
+def make_client(
+    settings: BrokerSettings,
+    *,
+    identifier: str,
+    username: str,
+    will: aiomqtt.Will | None = None,
+    clean_session: bool = False,
+) -> aiomqtt.Client:
+    return aiomqtt.Client(
+        settings.broker_host,
+        settings.broker_port,
+        identifier=identifier,
+        username=username,
+        password=settings.password.get_secret_value() if settings.password else None,
+        clean_session=clean_session,
+        keepalive=settings.keepalive,
+        will=will,
+        socket_options=NODELAY,
+        timeout=10,
+    )
+
+
+async def stay_connected(
+    client: aiomqtt.Client,
+    session: Callable[[aiomqtt.Client], Awaitable[None]],
+    *,
+    backoff: Backoff,
+    log: logging.Logger,
+    on_disconnect: Callable[[], None] | None = None,
+) -> None:
+    """Run ``session`` on every (re)connection until it returns; reconnect on MqttError.
+
+    Each state change is logged once: the first failure as a warning, then silence until
+    the connection is back.
+    """
+    where = f"{client._hostname}:{client._port}"  # private, for the log line only
+    failing = False
+    while True:
+        try:
+            async with client:
+                log.info("connected to MQTT broker %s", where)
+                failing = False
+                backoff.reset()
+                await session(client)
+                return
+        except* aiomqtt.MqttError as group:
+            if on_disconnect is not None:
+                on_disconnect()
+            if not failing:
+                log.warning(
+                    "MQTT broker %s unreachable or connection lost (%s); retrying with backoff",
+                    where,
+                    group.exceptions[0],
+                )
+                failing = True
+        await asyncio.sleep(backoff.next_delay())

@@ -1,0 +1,304 @@
+"""The fleet wire protocol: topics, identifiers and payloads.
+
+This is the only module that builds or parses topics and encodes or decodes payloads; the
+agent and the controller both import it. See ``docs/protocol.md`` for the prose version.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    ValidationError,
+)
+
+from fleet_agent.errors import InvalidAgentId, PayloadError
+
+PROTOCOL_VERSION = 1
+DEFAULT_PREFIX = "fleet"
+BROADCAST = "all"
+
+_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_COMMAND_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_COMMAND_NAME_PATTERN = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
+_PREFIX_PATTERN = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*")
+
+
+def check_agent_id(value: str) -> str:
+    """Return ``value`` if it is a valid agent id, else raise :class:`InvalidAgentId`."""
+    if not isinstance(value, str) or not _ID_PATTERN.fullmatch(value):
+        raise InvalidAgentId(
+            value,
+            "agent ids are 1 to 64 characters: letters, digits, '-', '_' and '.'",
+        )
+    if value == BROADCAST:
+        raise InvalidAgentId(value, f"'{BROADCAST}' is reserved for broadcasts")
+    return value
+
+
+def _check_command_id(value: str) -> str:
+    if not _COMMAND_ID_PATTERN.fullmatch(value):
+        raise ValueError("command ids are 1 to 128 characters: letters, digits, '-', '_', '.', ':'")
+    return value
+
+
+def _check_command_name(value: str) -> str:
+    if not _COMMAND_NAME_PATTERN.fullmatch(value):
+        raise ValueError(
+            "command names start with a lowercase letter, then up to 63 of a-z, 0-9, '_', '-', '.'"
+        )
+    return value
+
+
+def _check_prefix(value: str) -> str:
+    if not _PREFIX_PATTERN.fullmatch(value):
+        raise ValueError("a topic prefix is one or more levels of letters, digits, '-', '_', '.'")
+    return value
+
+
+AgentId = Annotated[str, AfterValidator(check_agent_id)]
+CommandId = Annotated[str, AfterValidator(_check_command_id)]
+CommandName = Annotated[str, AfterValidator(_check_command_name)]
+TopicPrefix = Annotated[str, AfterValidator(_check_prefix)]
+
+
+def new_command_id() -> str:
+    """A fresh, globally unique command id."""
+    return uuid.uuid4().hex
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class TopicKind(StrEnum):
+    CMD = "cmd"
+    RESULT = "result"
+    STATUS = "status"
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedTopic:
+    kind: TopicKind
+    agent_id: str
+    """The agent the topic belongs to, or ``BROADCAST`` for ``<prefix>/all/cmd``."""
+
+    @property
+    def is_broadcast(self) -> bool:
+        return self.agent_id == BROADCAST
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """Builds and parses the topics of one fleet (one prefix)."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        _check_prefix(self.prefix)
+
+    def cmd(self, agent_id: str) -> str:
+        return f"{self.prefix}/{check_agent_id(agent_id)}/cmd"
+
+    @property
+    def broadcast_cmd(self) -> str:
+        return f"{self.prefix}/{BROADCAST}/cmd"
+
+    def result(self, agent_id: str) -> str:
+        return f"{self.prefix}/{check_agent_id(agent_id)}/result"
+
+    def status(self, agent_id: str) -> str:
+        return f"{self.prefix}/{check_agent_id(agent_id)}/status"
+
+    def any_agent(self, kind: TopicKind) -> str:
+        """The wildcard filter matching ``kind`` topics of every agent (and broadcasts)."""
+        return f"{self.prefix}/+/{kind.value}"
+
+    def parse(self, topic: str) -> ParsedTopic | None:
+        """Parse one of this fleet's topics; ``None`` for anything else."""
+        head, sep, rest = topic.partition(self.prefix + "/")
+        if head or not sep:
+            return None
+        agent_id, sep, kind = rest.partition("/")
+        if not sep:
+            return None
+        try:
+            topic_kind = TopicKind(kind)
+        except ValueError:
+            return None
+        if agent_id == BROADCAST:
+            return ParsedTopic(topic_kind, agent_id) if topic_kind is TopicKind.CMD else None
+        if not _ID_PATTERN.fullmatch(agent_id):
+            return None
+        return ParsedTopic(topic_kind, agent_id)
+
+
+class CommandStatus(StrEnum):
+    """Where a command stands on one agent."""
+
+    PENDING = "pending"
+    """Published and acknowledged by the broker; no word from the agent yet (controller only)."""
+    RECEIVED = "received"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    REJECTED = "rejected"
+    EXPIRED = "expired"
+    TIMED_OUT = "timed_out"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset(
+    {
+        CommandStatus.SUCCEEDED,
+        CommandStatus.FAILED,
+        CommandStatus.REJECTED,
+        CommandStatus.EXPIRED,
+        CommandStatus.TIMED_OUT,
+    }
+)
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: Literal[1] = Field(default=1, description="Protocol version.")
+
+
+class Command(_Message):
+    """A command for one agent, a list of agents (one message each) or all of them."""
+
+    command: CommandName = Field(description="Name of the command, e.g. `ping` or `run`.")
+    id: CommandId | None = Field(
+        default=None,
+        description="Unique id. Needed for duplicate safety; the agent assigns one if absent.",
+    )
+    args: dict[str, JsonValue] = Field(default_factory=dict, description="Command arguments.")
+    timeout: float | None = Field(
+        default=None, gt=0, le=86_400, description="Execution time limit in seconds."
+    )
+    expires_at: AwareDatetime | None = Field(
+        default=None, description="The agent refuses the command after this instant (ISO 8601)."
+    )
+
+    def is_expired(self, now: datetime | None = None) -> bool:
+        return self.expires_at is not None and self.expires_at <= (now or utcnow())
+
+
+class Result(_Message):
+    """What an agent reports about one command: `received`, `running`, then a final status."""
+
+    id: CommandId
+    agent: AgentId
+    status: CommandStatus
+    command: str | None = Field(default=None, description="The command's name, when known.")
+    exit_code: int | None = None
+    output: JsonValue = None
+    error: str | None = None
+    received_at: AwareDatetime | None = None
+    started_at: AwareDatetime | None = None
+    finished_at: AwareDatetime | None = None
+
+
+class AgentState(StrEnum):
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+class Status(_Message):
+    """Presence, retained on ``<prefix>/<id>/status``: birth, Last Will or clean goodbye."""
+
+    agent: AgentId
+    state: AgentState
+    version: str | None = None
+    commands: list[str] = Field(default_factory=list)
+    started_at: AwareDatetime | None = None
+    host: dict[str, JsonValue] = Field(default_factory=dict)
+    reason: str | None = Field(default=None, description="Why the agent went offline.")
+    at: AwareDatetime | None = Field(default=None, description="When the agent said this.")
+
+
+def encode(message: _Message) -> bytes:
+    """Serialise a protocol message to its JSON wire form."""
+    return message.model_dump_json(exclude_none=True).encode()
+
+
+def _load_object(payload: bytes, max_bytes: int) -> dict[str, Any]:
+    if len(payload) > max_bytes:
+        raise PayloadError(f"payload of {len(payload)} bytes exceeds the limit of {max_bytes}")
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PayloadError(f"payload is not UTF-8 text: {exc.reason} at byte {exc.start}") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PayloadError(f"payload is not JSON: {exc.msg} at position {exc.pos}") from exc
+    if not isinstance(data, dict):
+        raise PayloadError(f"payload must be a JSON object, not {type(data).__name__}")
+    return data
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line naming each offending field and what is wrong with it."""
+    parts = []
+    for error in exc.errors(include_url=False):
+        where = ".".join(str(p) for p in error["loc"]) or "payload"
+        parts.append(f"{where}: {error['msg']}")
+    return "; ".join(parts)
+
+
+def decode_command(payload: bytes, *, max_bytes: int) -> Command:
+    """Decode a command payload or raise :class:`PayloadError` with the reason.
+
+    The error carries the command id and name when the payload yields them, so the
+    rejection can be reported against the right command.
+    """
+    data = _load_object(payload, max_bytes)
+    raw_id, raw_name = data.get("id"), data.get("command")
+    command_id = (
+        raw_id if isinstance(raw_id, str) and _COMMAND_ID_PATTERN.fullmatch(raw_id) else None
+    )
+    name = raw_name if isinstance(raw_name, str) else None
+    try:
+        return Command.model_validate(data)
+    except ValidationError as exc:
+        raise PayloadError(
+            f"invalid command: {describe_validation_error(exc)}",
+            command_id=command_id,
+            command=name,
+        ) from exc
+
+
+MessageT = TypeVar("MessageT", bound=_Message)
+
+
+def _decode(model: type[MessageT], what: str, payload: bytes, max_bytes: int) -> MessageT:
+    data = _load_object(payload, max_bytes)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise PayloadError(f"invalid {what}: {describe_validation_error(exc)}") from exc
+
+
+def decode_result(payload: bytes, *, max_bytes: int) -> Result:
+    return _decode(Result, "result", payload, max_bytes)
+
+
+def decode_status(payload: bytes, *, max_bytes: int) -> Status:
+    return _decode(Status, "status", payload, max_bytes)
