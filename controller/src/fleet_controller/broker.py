@@ -1,0 +1,104 @@
+"""The embedded amqtt broker, configured by ``broker.yaml``."""
+
+from __future__ import annotations
+
+import copy
+import errno
+import logging
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import yaml
+
+from fleet_controller.errors import BrokerStartError, ConfigError, PortInUse
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONFIG_PATH = Path("broker.yaml")
+# The same as the repository's broker.yaml (a test holds them equal), for installs that run
+# from elsewhere than a checkout.
+BUILTIN_CONFIG: dict[str, Any] = {
+    "listeners": {"default": {"type": "tcp", "bind": "0.0.0.0:1883", "max_connections": 0}},
+    "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": False}},
+}
+
+
+def load_broker_config(
+    path: Path | None, *, host: str | None = None, port: int | None = None
+) -> dict[str, Any]:
+    """Read an amqtt config file (None: the built-in default), overriding the default
+    listener's address or port."""
+    if path is None:
+        return with_listener(BUILTIN_CONFIG, host=host, port=port)
+    try:
+        config = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read broker config {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"broker config {path} is not valid YAML: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ConfigError(f"broker config {path} must be a mapping")
+    return with_listener(config, host=host, port=port)
+
+
+def with_listener(
+    config: dict[str, Any], *, host: str | None = None, port: int | None = None
+) -> dict[str, Any]:
+    config = copy.deepcopy(config)
+    listener = config.setdefault("listeners", {}).setdefault("default", {"type": "tcp"})
+    old_host, _, old_port = str(listener.get("bind", "0.0.0.0:1883")).rpartition(":")
+    listener["bind"] = f"{host or old_host or '0.0.0.0'}:{port if port is not None else old_port}"
+    return config
+
+
+def bind_address(config: dict[str, Any]) -> tuple[str, int]:
+    host, _, port = str(config["listeners"]["default"]["bind"]).rpartition(":")
+    return host, int(port)
+
+
+class _HideStartupTraceback(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "Broker startup failed"
+
+
+class EmbeddedBroker:
+    """amqtt in this process's event loop, as an async context manager."""
+
+    def __init__(self, config: dict[str, Any], *, port_flag: str = "--port") -> None:
+        self.config = config
+        self.host, self.port = bind_address(config)
+        self._port_flag = port_flag
+        self._broker: Any = None
+
+    async def __aenter__(self) -> Self:
+        from amqtt.broker import Broker  # the agent never needs amqtt: import it only here
+        from amqtt.errors import BrokerError
+
+        try:
+            self._broker = Broker(self.config)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ConfigError(f"invalid broker config: {exc}") from exc
+        quiet = _HideStartupTraceback()
+        amqtt_log = logging.getLogger("amqtt.broker")
+        amqtt_log.addFilter(quiet)
+        try:
+            await self._broker.start()
+        except BrokerError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
+                raise PortInUse("MQTT", self.host, self.port, self._port_flag) from None
+            raise BrokerStartError(f"embedded MQTT broker failed to start: {exc}") from exc
+        finally:
+            amqtt_log.removeFilter(quiet)
+        log.info("embedded MQTT broker listening on %s:%d", self.host, self.port)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._broker is not None:
+            await self._broker.shutdown()
