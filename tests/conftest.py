@@ -1,0 +1,74 @@
+"""Fixtures: real brokers on free ports (embedded amqtt and a mosquitto process), a probe
+client that records what the fleet publishes, and agents that can be restarted."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from fleet_testing import (
+    BROKER_KINDS,
+    MOSQUITTO,
+    AgentRunner,
+    BrokerEndpoint,
+    Probe,
+    run_amqtt,
+    run_mosquitto,
+)
+
+MOSQUITTO_PUB = Path("/usr/bin/mosquitto_pub")
+
+
+@pytest.fixture
+async def amqtt_broker() -> AsyncIterator[BrokerEndpoint]:
+    """The controller's embedded amqtt broker, configured by the repository's broker.yaml."""
+    async with run_amqtt() as endpoint:
+        yield endpoint
+
+
+def require(binary: Path, package: str) -> str:
+    """The binary's path; a missing one skips the test on a developer's machine with the
+    reason, and fails it in CI (CI=true), where nothing may be skipped."""
+    if binary.exists():
+        return str(binary)
+    message = f"{binary} not found: apt-get install {package}"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(message + " (required in CI)")
+    pytest.skip(message)
+
+
+@pytest.fixture
+def mosquitto_pub() -> str:
+    """Path of the real mosquitto_pub client."""
+    return require(MOSQUITTO_PUB, "mosquitto-clients")
+
+
+@pytest.fixture
+async def mosquitto_broker(tmp_path: Path) -> AsyncIterator[BrokerEndpoint]:
+    """A mosquitto process with a config written to tmp_path."""
+    require(MOSQUITTO, "mosquitto")
+    async with run_mosquitto(tmp_path) as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(params=BROKER_KINDS)
+def broker(request: pytest.FixtureRequest) -> BrokerEndpoint:
+    """Each test that uses it runs once against amqtt and once against mosquitto."""
+    endpoint: BrokerEndpoint = request.getfixturevalue(f"{request.param}_broker")
+    return endpoint
+
+
+@pytest.fixture
+async def probe(broker: BrokerEndpoint) -> AsyncIterator[Probe]:
+    """Connected and subscribed before any agent starts, so it sees every message."""
+    async with Probe(broker) as p:
+        yield p
+
+
+@pytest.fixture
+def agents(broker: BrokerEndpoint, tmp_path: Path) -> AgentRunner:
+    """Start agents with ``agents.run(agent_id)``; the same id again is a restart."""
+    return AgentRunner(broker, tmp_path)
