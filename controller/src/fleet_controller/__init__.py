@@ -1,0 +1,1 @@
+"""fleet controller: HTTP dispatch, result collection and presence for fleet agents."""

@@ -1,0 +1,90 @@
+"""The FastAPI application factory. The lifespan owns the store, the MQTT link and the
+sweeper; nothing lives in module globals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from fleet_agent.errors import FleetError
+from fleet_controller.api import api, health
+from fleet_controller.hub import Hub
+from fleet_controller.link import Link
+from fleet_controller.models import ErrorBody, ErrorDetail
+from fleet_controller.service import Dispatcher, sweep_forever
+from fleet_controller.settings import ControllerSettings
+from fleet_controller.state import Services
+from fleet_controller.store import SQLiteStore
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: ControllerSettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        hub = Hub()
+        async with SQLiteStore(
+            settings.db_path, batch_max=settings.batch_max, on_commit=hub.notify
+        ) as store:
+            link = Link(settings, store)
+            dispatcher = Dispatcher(settings, store, link, hub)
+            services = Services(settings, store, link, hub, dispatcher)
+            async with asyncio.TaskGroup() as tg:
+                tasks = [
+                    tg.create_task(link.run(), name="fleet-controller-mqtt"),
+                    tg.create_task(sweep_forever(dispatcher), name="fleet-controller-sweeper"),
+                ]
+                yield {"services": services}
+                for task in tasks:
+                    task.cancel()
+            await store.flush()
+
+    app = FastAPI(
+        title="fleet controller",
+        version="0.1.0",
+        summary="Send commands to fleet agents over MQTT and see what happened on each one.",
+        lifespan=lifespan,
+    )
+    app.include_router(api)
+    app.include_router(health)
+    install_error_handlers(app)
+    return app
+
+
+def _error(status_code: int, body: ErrorBody) -> JSONResponse:
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=status_code)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error response has the one ErrorBody shape."""
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        details = []
+        for err in exc.errors():
+            loc = [str(p) for p in err.get("loc", ())]
+            if loc and loc[0] == "body":
+                loc = loc[1:]
+            field = ".".join(loc) or None
+            details.append(ErrorDetail(field=field, message=str(err.get("msg", "invalid"))))
+        summary = "; ".join(f"{d.field}: {d.message}" if d.field else d.message for d in details)
+        return _error(422, ErrorBody(error="invalid_request", message=summary, details=details))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error(exc.status_code, ErrorBody(error=code, message=str(exc.detail)))
+
+    @app.exception_handler(FleetError)
+    async def fleet_error(request: Request, exc: FleetError) -> JSONResponse:
+        status_code = getattr(exc, "status_code", 400)
+        code = getattr(exc, "code", "bad_request")
+        return _error(status_code, ErrorBody(error=code, message=str(exc)))

@@ -1,0 +1,199 @@
+"""HTTP API models: one family per resource (Create / Public)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, PlainValidator, WithJsonSchema
+
+from fleet_agent.protocol import BROADCAST, CommandName, CommandStatus, check_agent_id
+
+MAX_TARGETS = 10_000
+
+
+def parse_target(value: object) -> str | list[str]:
+    """One clear error for a bad target, instead of one per member of a union."""
+    if value == BROADCAST:
+        return BROADCAST
+    if isinstance(value, str):
+        return check_agent_id(value)
+    if isinstance(value, list):
+        if not 1 <= len(value) <= MAX_TARGETS:
+            raise ValueError(f"a target list holds 1 to {MAX_TARGETS} agent ids")
+        ids = [check_agent_id(v) if isinstance(v, str) else _not_an_id(v) for v in value]
+        if len(set(ids)) != len(ids):
+            raise ValueError("agent ids in a target list must be unique")
+        return ids
+    raise ValueError('target must be an agent id, a list of agent ids, or "all"')
+
+
+def _not_an_id(value: object) -> str:
+    raise ValueError(f"agent ids are strings, not {type(value).__name__}")
+
+
+_AGENT_ID_SCHEMA = {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"}
+Target = Annotated[
+    str | list[str],
+    PlainValidator(parse_target),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"const": "all"},
+                _AGENT_ID_SCHEMA,
+                {
+                    "type": "array",
+                    "items": _AGENT_ID_SCHEMA,
+                    "minItems": 1,
+                    "maxItems": MAX_TARGETS,
+                },
+            ]
+        }
+    ),
+]
+
+
+class Source(StrEnum):
+    HTTP = "http"
+    MQTT = "mqtt"
+    """Published by someone else straight to the broker (e.g. mosquitto_pub)."""
+
+
+class Aggregate(StrEnum):
+    """A command's status across all its agents."""
+
+    PENDING = "pending"
+    """No agent has answered yet."""
+    IN_PROGRESS = "in_progress"
+    """Some agents answered; not all have reached a terminal status."""
+    SUCCEEDED = "succeeded"
+    """Every agent succeeded."""
+    FAILED = "failed"
+    """Every agent reached a terminal status and at least one did not succeed."""
+    NO_TARGETS = "no_targets"
+    """Sent to `all` while no agent was known."""
+
+
+class CommandCreate(BaseModel):
+    """A command to send to one agent, a list of agents, or all of them."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"target": "a1", "command": "ping"}]},
+    )
+
+    target: Target = Field(
+        description='An agent id, a list of agent ids, or "all" (every agent known now).'
+    )
+    command: CommandName = Field(description="Command name, e.g. `ping`, `info`, `run`, `sleep`.")
+    args: dict[str, JsonValue] = Field(default_factory=dict, description="Command arguments.")
+    timeout: float | None = Field(
+        default=None, gt=0, le=86_400, description="Execution time limit on the agent, seconds."
+    )
+    ttl: float | None = Field(
+        default=None,
+        gt=0,
+        le=30 * 86_400,
+        description="Seconds an agent has to pick the command up; then it expires."
+        " Defaults to the controller's default_ttl.",
+    )
+    allow_unknown: bool = Field(
+        default=False, description="Accept agent ids never seen yet (provisioned devices)."
+    )
+
+    @property
+    def is_broadcast(self) -> bool:
+        return self.target == BROADCAST
+
+
+class AgentResult(BaseModel):
+    """Where the command stands on one agent."""
+
+    agent: str
+    status: CommandStatus
+    exit_code: int | None = None
+    output: JsonValue = None
+    error: str | None = None
+    published_at: datetime | None = Field(
+        default=None, description="When the broker acknowledged the command."
+    )
+    received_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    duration_s: float | None = Field(default=None, description="finished_at - started_at.")
+    updated_at: datetime
+
+
+class CommandSummary(BaseModel):
+    id: str
+    command: str
+    source: Source
+    target: str | list[str]
+    created_at: datetime
+    expires_at: datetime
+    status: Aggregate
+    complete: bool = Field(description="True when every expected agent reached a terminal status.")
+    expected: int = Field(description="How many agents are expected to answer.")
+    counts: dict[str, int] = Field(description="Agents per status.")
+    version: str = Field(
+        description="Changes whenever any agent's status advances; pass as ?after= to wait"
+        " for the next change."
+    )
+
+
+class CommandDetail(CommandSummary):
+    """A command with its per-agent results."""
+
+    args: dict[str, Any]
+    timeout: float | None
+    ttl: float
+    agents: list[str] = Field(description="The agents expected to answer.")
+    results: list[AgentResult]
+
+
+class CommandPage(BaseModel):
+    items: list[CommandSummary]
+    next_cursor: str | None = Field(
+        description="Pass as ?cursor= for the next page; null at the end."
+    )
+
+
+class AgentPublic(BaseModel):
+    """An agent as the controller knows it."""
+
+    id: str
+    online: bool = Field(
+        description="The agent says it is online AND the controller's broker link is up."
+    )
+    state: Literal["online", "offline"] = Field(description="What the agent last said.")
+    offline_reason: str | None = None
+    last_seen: datetime
+    connected_since: datetime | None
+    started_at: datetime | None
+    version: str | None
+    commands: list[str]
+    host: dict[str, Any]
+    latency_ms: float | None = Field(
+        description="Last measured ping round trip: publish acknowledged to result received."
+    )
+    first_seen: datetime
+
+
+class ErrorDetail(BaseModel):
+    field: str | None = None
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """The one shape of every error response."""
+
+    error: str = Field(description="Machine-readable code, e.g. `not_found`, `invalid_request`.")
+    message: str = Field(description="What went wrong, for people.")
+    details: list[ErrorDetail] = Field(default_factory=list)
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    broker_connected: bool | None = None
+    store_writable: bool | None = None

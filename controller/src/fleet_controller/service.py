@@ -1,0 +1,174 @@
+"""Dispatch: turn an HTTP request into recorded, published commands, and wait on them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from fleet_agent.protocol import AgentState, Command, Topics, new_command_id, utcnow
+from fleet_controller.errors import BrokerUnavailable, NotFound, UnknownAgents
+from fleet_controller.models import AgentPublic, CommandCreate, CommandDetail, Source
+from fleet_controller.store import NewCommand, agent_key
+
+if TYPE_CHECKING:
+    from fleet_controller.hub import Hub
+    from fleet_controller.link import Link
+    from fleet_controller.settings import ControllerSettings
+    from fleet_controller.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Dispatcher:
+    settings: ControllerSettings
+    store: Store
+    link: Link
+    hub: Hub
+
+    @property
+    def topics(self) -> Topics:
+        return self.link.topics
+
+    async def dispatch(self, request: CommandCreate) -> CommandDetail:
+        """Record the command with the agents expected to answer, then publish it."""
+        if not self.link.connected.is_set():
+            raise BrokerUnavailable(
+                "the controller is not connected to the MQTT broker; nothing was sent"
+            )
+        known = set(await self.store.agent_ids())
+        if request.is_broadcast:
+            agents = sorted(known)
+        else:
+            agents = [request.target] if isinstance(request.target, str) else list(request.target)
+            unknown = [a for a in agents if a not in known]
+            if unknown and not request.allow_unknown:
+                raise UnknownAgents(unknown)
+        record = NewCommand(
+            id=new_command_id(),
+            command=request.command,
+            args=dict(request.args),
+            target=request.target,
+            source=Source.HTTP,
+            timeout=request.timeout,
+            ttl=request.ttl or self.settings.default_ttl,
+            created_at=utcnow(),
+        )
+        wire = Command(
+            id=record.id,
+            command=record.command,
+            args=request.args,
+            timeout=record.timeout,
+            expires_at=record.expires_at,
+        )
+        await self.store.create_command(record, agents)
+        try:
+            if request.is_broadcast:
+                await self.link.publish(self.topics.broadcast_cmd, wire)
+                self.store.record_published(record.id, None)
+            else:
+                await asyncio.gather(*(self._publish_one(wire, agent) for agent in agents))
+        except BrokerUnavailable as exc:
+            raise BrokerUnavailable(
+                f"{exc}; command {record.id} is recorded and stays pending until it expires"
+                f" at {record.expires_at.isoformat()}"
+            ) from exc
+        detail = await self.store.get_command(record.id)
+        assert detail is not None
+        return detail
+
+    async def _publish_one(self, wire: Command, agent: str) -> None:
+        assert wire.id is not None
+        await self.link.publish(self.topics.cmd(agent), wire)
+        self.store.record_published(wire.id, [agent])
+
+    async def get(self, command_id: str) -> CommandDetail:
+        detail = await self.store.get_command(command_id)
+        if detail is None:
+            raise NotFound(f"no command with id {command_id!r}")
+        return detail
+
+    async def agent(
+        self, agent_id: str, *, wait: float = 0, until: AgentState = AgentState.ONLINE
+    ) -> AgentPublic | None:
+        """The agent, waiting up to ``wait`` seconds for it to be known and in state ``until``."""
+        deadline = time.monotonic() + wait
+        with self.hub.watch(agent_key(agent_id)) as changed:
+            while True:
+                changed.clear()
+                found = await self.store.list_agents(
+                    broker_up=self.link.connected.is_set(), agent_id=agent_id
+                )
+                remaining = deadline - time.monotonic()
+                if (found and found[0].state == until.value) or remaining <= 0:
+                    return found[0] if found else None
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(remaining):
+                        await changed.wait()
+
+    async def changes(self, disconnected: Callable[[], Awaitable[bool]]) -> AsyncIterator[str]:
+        """Server-sent events: `change` when anything changed (coalesced), comments to keep
+        the connection alive, until the client goes away."""
+        with self.hub.watch() as changed:
+            yield "event: ready\ndata: {}\n\n"
+            while not await disconnected():
+                if await _heartbeat_or_change(changed):
+                    changed.clear()
+                    yield "event: change\ndata: {}\n\n"
+                else:
+                    yield ": keep-alive\n\n"
+
+    async def wait(
+        self, command_id: str, seconds: float, *, after: str | None = None
+    ) -> CommandDetail:
+        """The command once every expected agent is terminal (or, with ``after``, once its
+        version differs from ``after``), or as it stands after ``seconds``. A command not
+        recorded yet (sent by someone else over MQTT) is waited for too."""
+        deadline = time.monotonic() + seconds
+        with self.hub.watch(command_id) as changed:
+            while True:
+                changed.clear()
+                progress = await self.store.progress(command_id)
+                remaining = deadline - time.monotonic()
+                if progress is not None:
+                    complete, version = progress
+                    if complete or (after is not None and version != after) or remaining <= 0:
+                        return await self.get(command_id)
+                elif remaining <= 0:
+                    raise NotFound(f"no command with id {command_id!r}")
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(remaining):
+                        await changed.wait()
+
+
+HEARTBEAT_SECONDS = 15.0
+
+
+async def _heartbeat_or_change(changed: asyncio.Event) -> bool:
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(HEARTBEAT_SECONDS):
+            await changed.wait()
+            return True
+    return False
+
+
+async def sweep_forever(dispatcher: Dispatcher) -> None:
+    """End deliveries whose deadline has passed, so no command stays open forever."""
+    settings = dispatcher.settings
+    while True:
+        try:
+            expired = await dispatcher.store.sweep(
+                grace=settings.sweep_grace, agent_timeout=settings.agent_timeout
+            )
+        except Exception:
+            log.exception("sweeping expired commands failed; will retry")
+        else:
+            if expired:
+                log.info("expired unanswered deliveries of %d command(s)", len(expired))
+                dispatcher.hub.notify(expired)
+        await asyncio.sleep(settings.sweep_interval)

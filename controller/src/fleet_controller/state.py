@@ -1,0 +1,22 @@
+"""What the lifespan yields to request handlers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fleet_controller.hub import Hub
+    from fleet_controller.link import Link
+    from fleet_controller.service import Dispatcher
+    from fleet_controller.settings import ControllerSettings
+    from fleet_controller.store import Store
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    settings: ControllerSettings
+    store: Store
+    link: Link
+    hub: Hub
+    dispatcher: Dispatcher
