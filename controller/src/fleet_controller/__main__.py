@@ -1,0 +1,3 @@
+from fleet_controller.cli import main
+
+main()

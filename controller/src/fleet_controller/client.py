@@ -1,0 +1,104 @@
+"""A small synchronous client of the controller's HTTP API, for the CLI."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+
+from fleet_agent.errors import FleetError
+
+
+class ApiError(FleetError):
+    """The controller answered with an error, or could not be reached."""
+
+    def __init__(self, message: str, *, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class FleetClient:
+    def __init__(self, url: str, *, timeout: float = 30.0) -> None:
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(base_url=self.url, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            r = self._http.request(method, path, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise ApiError(f"the controller at {self.url} did not answer in time") from exc
+        except httpx.TransportError as exc:
+            raise ApiError(
+                f"cannot reach the controller at {self.url} ({exc}); is it running?"
+                " Set --url or FLEET_URL, or start one with `fleet up`"
+            ) from exc
+        if r.status_code >= 400:
+            try:
+                message = r.json().get("message") or r.text
+            except ValueError:
+                message = r.text
+            raise ApiError(f"{r.status_code}: {message}", status_code=r.status_code)
+        return r.json() if r.content else None
+
+    def send(self, body: dict[str, Any], *, wait: float | None = None) -> dict[str, Any]:
+        params = {"wait": wait} if wait else {}
+        result: dict[str, Any] = self._request(
+            "POST", "/api/v1/commands", json=body, params=params, timeout=(wait or 0) + 30
+        )
+        return result
+
+    def command(
+        self, command_id: str, *, wait: float | None = None, after: str | None = None
+    ) -> dict[str, Any]:
+        params: dict[str, Any] = {}
+        if wait:
+            params["wait"] = wait
+        if after is not None:
+            params["after"] = after
+        result: dict[str, Any] = self._request(
+            "GET", f"/api/v1/commands/{command_id}", params=params, timeout=(wait or 0) + 30
+        )
+        return result
+
+    def follow(
+        self,
+        command_id: str,
+        *,
+        seconds: float,
+        on_change: Callable[[dict[str, Any]], None],
+    ) -> dict[str, Any]:
+        """Long-poll the command until it completes or ``seconds`` pass, reporting changes."""
+        deadline = time.monotonic() + seconds
+        detail = self.command(command_id)
+        on_change(detail)
+        while not detail["complete"]:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            detail = self.command(command_id, wait=min(remaining, 300), after=detail["version"])
+            on_change(detail)
+        return detail
+
+    def commands(self, **filters: Any) -> dict[str, Any]:
+        params = {k: v for k, v in filters.items() if v is not None}
+        result: dict[str, Any] = self._request("GET", "/api/v1/commands", params=params)
+        return result
+
+    def agents(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._request("GET", "/api/v1/agents")
+        return result
+
+    def events(self) -> Iterator[str]:
+        """Server-sent event names, as they arrive (blocks between events)."""
+        try:
+            with self._http.stream("GET", "/api/v1/events", timeout=None) as r:
+                for line in r.iter_lines():
+                    if line.startswith("event: "):
+                        yield line[len("event: ") :]
+        except httpx.TransportError as exc:
+            raise ApiError(f"lost the event stream from {self.url}: {exc}") from exc

@@ -1,0 +1,157 @@
+"""Terminal rendering of agents and commands (rich tables)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+STATUS_STYLE = {
+    "succeeded": "green",
+    "failed": "red",
+    "rejected": "red",
+    "expired": "yellow",
+    "timed_out": "red",
+    "pending": "dim",
+    "received": "cyan",
+    "running": "cyan",
+    "in_progress": "cyan",
+    "no_targets": "dim",
+}
+
+
+def ago(value: str | None, now: datetime | None = None) -> str:
+    if not value:
+        return "-"
+    then = datetime.fromisoformat(value)
+    seconds = ((now or datetime.now(UTC)) - then).total_seconds()
+    return f"{duration(seconds)} ago"
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours}h{minutes:02d}m"
+    return f"{hours // 24}d{hours % 24:02d}h"
+
+
+def status_text(status: str) -> Text:
+    return Text(status, style=STATUS_STYLE.get(status, ""))
+
+
+def agents_table(agents: list[dict[str, Any]]) -> Table:
+    table = Table(title=f"agents ({sum(a['online'] for a in agents)}/{len(agents)} online)")
+    for col in ("agent", "state", "last seen", "uptime", "version", "latency", "host"):
+        table.add_column(col)
+    now = datetime.now(UTC)
+    for a in agents:
+        since = a.get("connected_since")
+        uptime = (
+            duration((now - datetime.fromisoformat(since)).total_seconds())
+            if a["online"] and since
+            else "-"
+        )
+        state = (
+            Text("online", style="green")
+            if a["online"]
+            else Text(f"offline ({a.get('offline_reason') or '?'})", style="red")
+        )
+        latency = f"{a['latency_ms']:.1f}ms" if a.get("latency_ms") is not None else "-"
+        table.add_row(
+            a["id"],
+            state,
+            ago(a["last_seen"], now),
+            uptime,
+            a.get("version") or "-",
+            latency,
+            str(a.get("host", {}).get("hostname", "-")),
+        )
+    return table
+
+
+def _counts(counts: dict[str, int]) -> Text:
+    text = Text()
+    for i, (status, n) in enumerate(sorted(counts.items())):
+        if i:
+            text.append(" ")
+        text.append(f"{status}:{n}", style=STATUS_STYLE.get(status, ""))
+    return text
+
+
+def commands_table(items: list[dict[str, Any]], *, title: str = "commands") -> Table:
+    table = Table(title=title)
+    for col in ("id", "command", "target", "source", "created", "status", "agents"):
+        table.add_column(col, overflow="fold")
+    for c in items:
+        target = c["target"] if isinstance(c["target"], str) else ",".join(c["target"])
+        answered = sum(n for s, n in c["counts"].items() if s != "pending")
+        table.add_row(
+            c["id"],
+            c["command"],
+            target,
+            c["source"],
+            ago(c["created_at"]),
+            status_text(c["status"]),
+            Text.assemble(f"{answered}/{c['expected']} ", _counts(c["counts"])),
+        )
+    return table
+
+
+def _output(result: dict[str, Any], limit: int = 400) -> str:
+    output = result.get("output")
+    if isinstance(output, dict) and "stdout" in output:
+        text = (output.get("stdout") or "") + (output.get("stderr") or "")
+    elif output is None:
+        text = ""
+    else:
+        text = json.dumps(output, separators=(",", ":"))
+    text = text.strip()
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def results_table(detail: dict[str, Any]) -> Table:
+    table = Table(title=f"{detail['command']} {detail['id']}: {detail['status']}")
+    for col in ("agent", "status", "exit", "duration", "output / error"):
+        table.add_column(col, overflow="fold")
+    for r in detail["results"]:
+        table.add_row(
+            r["agent"],
+            status_text(r["status"]),
+            "-" if r.get("exit_code") is None else str(r["exit_code"]),
+            duration(r.get("duration_s")),
+            r.get("error") or _output(r),
+        )
+    return table
+
+
+def command_detail(detail: dict[str, Any]) -> Group:
+    target = detail["target"] if isinstance(detail["target"], str) else ",".join(detail["target"])
+    head = Text.assemble(
+        ("command ", "bold"),
+        f"{detail['command']} {json.dumps(detail['args'])}",
+        "\n",
+        ("target  ", "bold"),
+        f"{target} ({detail['expected']} agents), source {detail['source']}",
+        "\n",
+        ("created ", "bold"),
+        f"{detail['created_at']}  expires {detail['expires_at']}",
+        "\n",
+        ("status  ", "bold"),
+        status_text(detail["status"]),
+        "  ",
+        _counts(detail["counts"]),
+    )
+    return Group(head, results_table(detail))

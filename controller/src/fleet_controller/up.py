@@ -1,0 +1,140 @@
+"""`fleet up`: embedded broker, controller and demo agents in one process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+
+from fleet_agent.agent import Agent
+from fleet_agent.settings import AgentSettings
+from fleet_controller.app import create_app
+from fleet_controller.broker import EmbeddedBroker, load_broker_config
+from fleet_controller.serve import STATE_FILE, bind_tcp, http_server, stop_on_signals, write_state
+from fleet_controller.settings import ControllerSettings
+
+OPERATOR = "operator"
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    mqtt_host: str
+    mqtt_port: int
+    http_host: str
+    http_port: int
+    agents: int
+    state_dir: Path
+    broker_config: Path | None
+
+
+def _cli() -> str:
+    return "uv run fleet" if "UV" in os.environ else "fleet"
+
+
+def examples(url: str, mqtt_host: str, mqtt_port: int, agent: str | None) -> list[str]:
+    target = agent or "a1"
+    body = '{"target":"all","command":"ping"}'
+    return [
+        f"curl -s -X POST '{url}/api/v1/commands?wait=5' -H 'content-type: application/json'"
+        f" -d '{body}'",
+        f"{_cli()} send all ping --wait",
+        f"{_cli()} send {target} run -- uname -a",
+        f"mosquitto_pub -h {mqtt_host} -p {mqtt_port} -u {OPERATOR} -q 1"
+        f" -t fleet/{target}/cmd -m " + shlex.quote('{"command":"ping","id":"hello-1"}'),
+        f"mosquitto_sub -h {mqtt_host} -p {mqtt_port} -u {OPERATOR}-sub -v -t 'fleet/+/result'",
+    ]
+
+
+async def run_up(options: UpOptions, console: Console) -> None:
+    """Run everything until SIGINT/SIGTERM, then stop it all cleanly."""
+    t0 = time.monotonic()
+    state_dir = options.state_dir
+    state_dir.mkdir(parents=True, exist_ok=True)
+    http_sock = bind_tcp(options.http_host, options.http_port, what="HTTP", flag="--http-port")
+    mqtt_port = options.mqtt_port
+    config = load_broker_config(options.broker_config, host=options.mqtt_host, port=mqtt_port)
+    stop = asyncio.Event()
+    stop_on_signals(stop)
+    client_host = "127.0.0.1" if options.mqtt_host in ("0.0.0.0", "::", "") else options.mqtt_host
+    http_port = http_sock.getsockname()[1]
+    url_host = "127.0.0.1" if options.http_host in ("0.0.0.0", "::") else options.http_host
+    url = f"http://{url_host}:{http_port}"
+    async with contextlib.AsyncExitStack() as stack:
+        stack.callback(http_sock.close)
+        await stack.enter_async_context(EmbeddedBroker(config, port_flag="--mqtt-port"))
+        settings = ControllerSettings(
+            broker_host=client_host,
+            broker_port=mqtt_port,
+            db_path=state_dir / "fleet.sqlite3",
+            http_host=options.http_host,
+            http_port=http_port,
+        )
+        server = http_server(create_app(settings))
+        server_task = asyncio.create_task(server.serve(sockets=[http_sock]), name="fleet-up-http")
+
+        async def stop_server() -> None:
+            server.should_exit = True
+            await server_task
+
+        stack.push_async_callback(stop_server)
+        ids = [f"demo-{i}" for i in range(1, options.agents + 1)]
+        for agent_id in ids:
+            agent_settings = AgentSettings(
+                agent_id=agent_id,
+                broker_host=client_host,
+                broker_port=mqtt_port,
+                state_dir=state_dir / "agents" / agent_id,
+            )
+            await stack.enter_async_context(Agent(agent_settings))
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            ready = await http.get("/readyz", params={"wait": 30})
+            ready.raise_for_status()
+            for agent_id in ids:
+                r = await http.get(f"/api/v1/agents/{agent_id}", params={"wait": 30})
+                r.raise_for_status()
+        elapsed = time.monotonic() - t0
+        state_path = write_state(
+            state_dir,
+            {
+                "url": url,
+                "mqtt_host": client_host,
+                "mqtt_port": mqtt_port,
+                "mqtt_username": OPERATOR,
+                "pid": os.getpid(),
+                "agents": ids,
+            },
+        )
+        stack.callback(lambda: state_path.unlink(missing_ok=True))
+        _banner(console, url, client_host, mqtt_port, ids, elapsed, state_dir)
+        await stop.wait()
+        console.print("\n[bold]stopping[/]: agents, controller, broker ...")
+    console.print("[green]stopped cleanly[/]")
+
+
+def _banner(
+    console: Console,
+    url: str,
+    mqtt_host: str,
+    mqtt_port: int,
+    ids: list[str],
+    elapsed: float,
+    state_dir: Path,
+) -> None:
+    console.print(f"[bold green]fleet is up[/] in {elapsed:.2f}s")
+    console.print(f"  API        {url}/api/v1   (docs: {url}/docs)")
+    console.print(
+        f"  MQTT       {mqtt_host}:{mqtt_port}  (embedded amqtt; log in with any username)"
+    )
+    console.print(f"  agents     {', '.join(ids) if ids else 'none (use --agents N)'}")
+    console.print(f"  state      {state_dir} ({STATE_FILE} lets other fleet commands find this)")
+    console.print("\n[bold]try[/]:")
+    for line in examples(url, mqtt_host, mqtt_port, ids[0] if ids else None):
+        console.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
+    console.print("\nCtrl-C stops everything.")
