@@ -1,0 +1,205 @@
+"""Benchmark: HTTP dispatch latency and broadcast collection, on amqtt and mosquitto.
+
+    uv run python bench/dispatch.py [--samples 300] [--agents 100] [--broker amqtt|mosquitto|both]
+
+Each process runs what it would in a deployment: the broker (mosquitto, or amqtt inside
+`fleet broker`), `fleet controller`, one process holding the agents, and this client.
+Baselines measured in the same run: an aiomqtt QoS 1 round trip through the same broker,
+and GET /healthz on the same controller. Figures are medians; ratios are against baselines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiomqtt
+import httpx
+
+from fleet_agent.mqtt import NODELAY
+
+ROOT = Path(__file__).resolve().parent.parent
+AGENTS_SCRIPT = """
+import asyncio, sys
+from pathlib import Path
+from fleet_agent.agent import Agent
+from fleet_agent.settings import AgentSettings
+
+async def main(port: int, count: int, state: str) -> None:
+    async with __import__("contextlib").AsyncExitStack() as stack:
+        for i in range(count):
+            s = AgentSettings(agent_id=f"b{i}", broker_port=port, state_dir=Path(state) / f"b{i}",
+                              log_level="WARNING")
+            agent = await stack.enter_async_context(Agent(s))
+        print("ready", flush=True)
+        await asyncio.Event().wait()
+
+asyncio.run(main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def process(
+    *argv: str, ready: str | None = None
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=ROOT
+    )
+    assert proc.stdout is not None
+    try:
+        if ready is not None:
+            async with asyncio.timeout(60):
+                while True:
+                    line = (await proc.stdout.readline()).decode()
+                    if not line:
+                        raise RuntimeError(f"{argv[0]} exited before it was ready")
+                    if ready in line:
+                        break
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                async with asyncio.timeout(20):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def broker(kind: str, port: int, workdir: Path) -> AsyncIterator[None]:
+    if kind == "mosquitto":
+        conf = workdir / "mosquitto.conf"
+        conf.write_text(
+            f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            "set_tcp_nodelay true\nmax_queued_messages 100000\nlog_dest stderr\n"
+        )
+        async with process("/usr/sbin/mosquitto", "-c", str(conf), ready=" running"):
+            yield
+    else:
+        fleet = [sys.executable, "-m", "fleet_controller"]
+        async with process(
+            *fleet,
+            "broker",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            ready="embedded MQTT broker on",
+        ):
+            yield
+
+
+async def mqtt_round_trips(port: int, samples: int) -> list[float]:
+    """Baseline: publish QoS 1 to a topic we subscribe to, time until it comes back."""
+    times = []
+    async with aiomqtt.Client(
+        "127.0.0.1", port, identifier="bench-rtt", username="bench", socket_options=NODELAY
+    ) as client:
+        await client.subscribe("bench/rtt", qos=1)
+        messages = client.messages
+        for i in range(samples):
+            t0 = time.perf_counter()
+            await client.publish("bench/rtt", str(i).encode(), qos=1)
+            async for _ in messages:
+                break
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+async def http_times(
+    http: httpx.AsyncClient, samples: int, method: str, path: str, **kw: object
+) -> list[float]:
+    times = []
+    for _ in range(samples):
+        t0 = time.perf_counter()
+        r = await http.request(method, path, **kw)  # type: ignore[arg-type]
+        times.append(time.perf_counter() - t0)
+        r.raise_for_status()
+        if method == "POST":
+            assert r.json()["complete"], r.text
+    return times
+
+
+def ms(values: list[float]) -> str:
+    return f"{statistics.median(values) * 1000:.2f} ms"
+
+
+async def run(kind: str, samples: int, agents: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        mqtt, http_port = free_port(), free_port()
+        env_db = str(workdir / "fleet.sqlite3")
+        async with broker(kind, mqtt, workdir), process(
+            sys.executable, "-m", "fleet_controller", "controller",
+            "--broker-port", str(mqtt), "--http-port", str(http_port), "--db-path", env_db,
+            "--log-level", "INFO", ready="controller on",
+        ), process(
+            sys.executable, "-c", AGENTS_SCRIPT, str(mqtt), str(agents), str(workdir / "agents"),
+            ready="ready",
+        ):  # fmt: skip
+            async with httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{http_port}", timeout=60
+            ) as http:
+                (await http.get("/readyz", params={"wait": 30})).raise_for_status()
+                for i in range(agents):
+                    (await http.get(f"/api/v1/agents/b{i}", params={"wait": 30})).raise_for_status()
+                rtt = await mqtt_round_trips(mqtt, samples)
+                health = await http_times(http, samples, "GET", "/healthz")
+                body = {"target": "b0", "command": "ping"}
+                await http_times(
+                    http, 20, "POST", "/api/v1/commands", params={"wait": 5}, json=body
+                )
+                ping = await http_times(
+                    http, samples, "POST", "/api/v1/commands", params={"wait": 5}, json=body
+                )
+                bcast = await http_times(
+                    http, max(samples // 20, 5), "POST", "/api/v1/commands", params={"wait": 30},
+                    json={"target": "all", "command": "ping"},
+                )  # fmt: skip
+        print(f"\n== {kind}: {samples} samples, {agents} agents (medians)")
+        print(f"baseline aiomqtt QoS 1 round trip       {ms(rtt)}")
+        print(f"baseline GET /healthz                   {ms(health)}")
+        print(
+            f"POST /commands?wait=5 ping, one agent   {ms(ping)}"
+            f"  = {statistics.median(ping) / statistics.median(rtt):.1f}x MQTT RTT,"
+            f" {statistics.median(ping) / statistics.median(health):.1f}x GET"
+        )
+        print(
+            f"broadcast ping, {agents} agents, all collected  {ms(bcast)}"
+            f"  = {statistics.median(bcast) / statistics.median(rtt):.0f}x MQTT RTT"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--samples", type=int, default=300)
+    parser.add_argument("--agents", type=int, default=100)
+    parser.add_argument("--broker", choices=["amqtt", "mosquitto", "both"], default="both")
+    args = parser.parse_args()
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    for kind in ["amqtt", "mosquitto"] if args.broker == "both" else [args.broker]:
+        asyncio.run(run(kind, args.samples, args.agents))
+
+
+if __name__ == "__main__":
+    main()
