@@ -10,14 +10,18 @@ import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError
 
 from fleet_agent.errors import ConfigError
 from fleet_agent.protocol import DEFAULT_PREFIX, AgentId, TopicPrefix, describe_validation_error
 
 SettingsT = TypeVar("SettingsT", bound=BaseModel)
+LogLevel = Annotated[
+    Literal["DEBUG", "INFO", "WARNING", "ERROR"],
+    BeforeValidator(lambda v: v.upper() if isinstance(v, str) else v),
+]
 
 
 class BrokerSettings(BaseModel):
@@ -62,7 +66,7 @@ class AgentSettings(BrokerSettings):
     command_modules: list[str] = Field(
         default_factory=list, description="Modules that register extra commands."
     )
-    log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR.")
+    log_level: LogLevel = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR.")
 
     @property
     def mqtt_username(self) -> str:

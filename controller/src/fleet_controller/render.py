@@ -93,8 +93,10 @@ def _counts(counts: dict[str, int]) -> Text:
 
 def commands_table(items: list[dict[str, Any]], *, title: str = "commands") -> Table:
     table = Table(title=title)
-    for col in ("id", "command", "target", "source", "created", "status", "agents"):
+    table.add_column("id", no_wrap=True)
+    for col in ("command", "target", "source", "created", "status"):
         table.add_column(col, overflow="fold")
+    table.add_column("agents", no_wrap=True)
     for c in items:
         target = c["target"] if isinstance(c["target"], str) else ",".join(c["target"])
         answered = sum(n for s, n in c["counts"].items() if s != "pending")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from fleet_agent.settings import BrokerSettings
+from fleet_agent.settings import BrokerSettings, LogLevel
 
 
 class ControllerSettings(BrokerSettings):
@@ -39,7 +39,7 @@ class ControllerSettings(BrokerSettings):
         default=1024 * 1024, ge=1024, description="Larger result/status payloads are dropped."
     )
     batch_max: int = Field(default=1000, ge=1, description="Most writes in one transaction.")
-    log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR.")
+    log_level: LogLevel = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR.")
 
     @property
     def mqtt_username(self) -> str:
