@@ -67,8 +67,12 @@ class Controller:
         assert body["state"] == until, body
         return body
 
-    async def command(self, command_id: str, *, wait: float | None = None) -> dict[str, Any]:
-        params = {"wait": wait} if wait is not None else {}
+    async def command(
+        self, command_id: str, *, wait: float | None = None, after: str | None = None
+    ) -> dict[str, Any]:
+        params: dict[str, Any] = {"wait": wait} if wait is not None else {}
+        if after is not None:
+            params["after"] = after
         r = await self.http.get(f"/api/v1/commands/{command_id}", params=params)
         assert r.status_code == 200, r.text
         body: dict[str, Any] = r.json()

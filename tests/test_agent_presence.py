@@ -37,7 +37,7 @@ async def test_birth_announces_the_agent_online(probe: Probe, agents: AgentRunne
     async with agents.run("born"):
         status = await probe.wait_status("born", AgentState.ONLINE)
     assert status.version == __version__
-    assert status.commands == ["info", "ping", "run", "sleep"]
+    assert status.commands == ["cancel", "info", "ping", "run", "sleep"]
     assert status.started_at is not None and status.at is not None
     assert isinstance(status.host.get("hostname"), str)
 

@@ -23,10 +23,12 @@ from fleet_agent import __version__
 from fleet_agent.builtins import BUILTINS, host_facts
 from fleet_agent.errors import CommandError, PayloadError
 from fleet_agent.ledger import Ledger
-from fleet_agent.mqtt import Backoff, make_client, stay_connected
+from fleet_agent.mqtt import Backoff, SessionFlag, make_client, stay_connected
 from fleet_agent.protocol import (
     BROADCAST,
+    CANCEL,
     AgentState,
+    CancelArgs,
     Command,
     CommandStatus,
     Result,
@@ -89,6 +91,11 @@ class Agent:
         self._stopping = False
         self._closing = asyncio.Event()
         self._client: aiomqtt.Client | None = None
+        self._session_flag: SessionFlag | None = None
+        self._inbox_idle = asyncio.Event()
+        self._inbox_idle.set()
+        self._canceling: dict[str, str] = {}
+        """Command id -> why, for tasks being cancelled on request."""
         self._connection: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -119,6 +126,7 @@ class Agent:
         self._client = make_client(
             self.settings, identifier=self.id, username=self.settings.mqtt_username, will=will
         )
+        self._session_flag = SessionFlag(self._client)
         backoff = Backoff(self.settings.reconnect_min, self.settings.reconnect_max)
         self._connection = asyncio.create_task(
             stay_connected(
@@ -207,15 +215,22 @@ class Agent:
             agent=self.id,
             state=AgentState.ONLINE,
             version=__version__,
-            commands=self.registry.names(),
+            commands=sorted([*self.registry.names(), CANCEL]),
             started_at=self.started_at,
             host=dict(host_facts()),
+            session_present=self._session_flag.present if self._session_flag else None,
             at=utcnow(),
         )
 
     async def _read(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
             self._on_message(message)
+            # New commands start only once everything already received is handled, so a
+            # cancel queued right behind its command (agent offline) stops it from starting.
+            if len(client.messages) == 0:
+                self._inbox_idle.set()
+            else:
+                self._inbox_idle.clear()
 
     def _save_unread_messages(self) -> None:
         """Messages the client acknowledged but nobody read yet are claimed, never dropped."""
@@ -266,6 +281,9 @@ class Agent:
         now = utcnow()
         if command.is_expired(now):
             self._finish(command, CommandStatus.EXPIRED, now, error="expired before it arrived")
+            return
+        if command.command == CANCEL:
+            self._cancel(command, now)
             return
         spec = self.registry.get(command.command)
         if spec is None:
@@ -320,13 +338,58 @@ class Agent:
             )
         )
 
+    def _cancel(self, command: Command, now: datetime) -> None:
+        """Cancel another command: a queued one is skipped, a running one is killed, one
+        that has not arrived yet is recorded as canceled so that it never runs."""
+        assert command.id is not None and self._ledger is not None
+        try:
+            target = CancelArgs.model_validate(command.args).command_id
+        except ValidationError as exc:
+            self._reject(command.id, CANCEL, f"invalid args: {describe_validation_error(exc)}")
+            return
+        self._ledger.claim(command.id, CANCEL, encode(command).decode())
+        reason = f"canceled by {command.id}"
+        task = self._tasks.get(target)
+        entry = None if task is not None else self._ledger.get(target)
+        if task is not None:
+            self._canceling[target] = reason
+            task.cancel()
+            outcome = "canceled"
+        elif entry is None:
+            self._store_final(
+                Result(
+                    id=target,
+                    agent=self.id,
+                    status=CommandStatus.CANCELED,
+                    error=reason + " before it arrived",
+                    finished_at=now,
+                )
+            )
+            outcome = "canceled before it arrived"
+        elif entry.final is not None:
+            outcome = f"already {entry.final.status.value}"
+        else:
+            outcome = "not running"
+        log.info("cancel %s of %s: %s", command.id, target, outcome)
+        self._finish(
+            command,
+            CommandStatus.SUCCEEDED,
+            now,
+            output={"command_id": target, "outcome": outcome},
+        )
+
     # -- execution -------------------------------------------------------------------------
 
     async def _execute(
         self, command: Command, spec: CommandSpec[Any], args: BaseModel, received_at: datetime
     ) -> None:
         assert command.id is not None and self._ledger is not None
+        started_at: datetime | None = None
         try:
+            # Yield once so that commands accepted earlier, already parked on the event,
+            # take their slots first: starts stay in arrival order.
+            await asyncio.sleep(0)
+            await self._inbox_idle.wait()
             async with self._slots:
                 if self._stopping:
                     return  # stays 'queued' in the ledger and runs at the next start
@@ -351,6 +414,13 @@ class Agent:
                     )
                 )
                 await self._run_handler(command, spec, args, received_at, started_at)
+        except asyncio.CancelledError:
+            reason = self._canceling.pop(command.id, None)
+            if reason is None:
+                raise
+            self._finish(
+                command, CommandStatus.CANCELED, received_at, started_at=started_at, error=reason
+            )
         finally:
             self._tasks.pop(command.id, None)
 
@@ -408,6 +478,8 @@ class Agent:
             )
             return
         except asyncio.CancelledError:
+            if command.id in self._canceling:
+                raise  # canceled on request: _execute reports it
             self._finish(
                 command,
                 CommandStatus.FAILED,

@@ -8,7 +8,7 @@ import logging
 import random
 import socket
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiomqtt
 
@@ -35,6 +35,23 @@ class Backoff:
         ceiling = min(self.maximum, self.minimum * 2**self._attempt)
         self._attempt = min(self._attempt + 1, 32)
         return self._rng.uniform(self.minimum / 2, ceiling)
+
+
+class SessionFlag:
+    """Remembers the session-present flag of the last CONNACK (aiomqtt drops it)."""
+
+    def __init__(self, client: aiomqtt.Client) -> None:
+        self.present: bool | None = None
+        paho = client._client  # private: the flag is only visible in paho's callback
+        original = paho.on_connect
+
+        def on_connect(*args: Any) -> None:
+            flags = args[2] if len(args) > 2 else None
+            self.present = bool(getattr(flags, "session_present", False))
+            if original is not None:
+                original(*args)
+
+        paho.on_connect = on_connect
 
 
 def make_client(

@@ -157,6 +157,7 @@ class CommandStatus(StrEnum):
     REJECTED = "rejected"
     EXPIRED = "expired"
     TIMED_OUT = "timed_out"
+    CANCELED = "canceled"
 
     @property
     def is_terminal(self) -> bool:
@@ -170,6 +171,7 @@ TERMINAL_STATUSES = frozenset(
         CommandStatus.REJECTED,
         CommandStatus.EXPIRED,
         CommandStatus.TIMED_OUT,
+        CommandStatus.CANCELED,
     }
 )
 
@@ -215,6 +217,17 @@ class Result(_Message):
     finished_at: AwareDatetime | None = None
 
 
+CANCEL = "cancel"
+"""The control command that cancels another: ``{"command": "cancel",
+"args": {"command_id": "..."}}``."""
+
+
+class CancelArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    command_id: CommandId = Field(description="The command to cancel.")
+
+
 class AgentState(StrEnum):
     ONLINE = "online"
     OFFLINE = "offline"
@@ -230,6 +243,12 @@ class Status(_Message):
     started_at: AwareDatetime | None = None
     host: dict[str, JsonValue] = Field(default_factory=dict)
     reason: str | None = Field(default=None, description="Why the agent went offline.")
+    session_present: bool | None = Field(
+        default=None,
+        description="In a birth: whether the broker still had this agent's session (and so"
+        " its queued commands). False means commands sent meanwhile may be lost and should"
+        " be sent again.",
+    )
     at: AwareDatetime | None = Field(default=None, description="When the agent said this.")
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict, JsonValue
 
 from fleet_agent.errors import ConfigError
+from fleet_agent.protocol import CANCEL
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -78,6 +79,8 @@ class Registry:
             self.add(spec)
 
     def add(self, spec: CommandSpec[Any]) -> None:
+        if spec.name == CANCEL:
+            raise ConfigError(f"{CANCEL!r} is built into the agent and cannot be registered")
         if spec.name in self._specs:
             raise ConfigError(f"command {spec.name!r} is registered twice")
         self._specs[spec.name] = spec

@@ -19,6 +19,7 @@ from fleet_controller.models import (
     CommandPage,
     ErrorBody,
     Health,
+    Stats,
 )
 from fleet_controller.service import Dispatcher
 from fleet_controller.state import Services
@@ -104,6 +105,26 @@ async def get_command(
     return await dispatcher.get(command_id)
 
 
+@api.post(
+    "/commands/{command_id}/cancel",
+    response_model=CommandDetail,
+    responses={503: {"model": ErrorBody, "description": "The broker is unreachable."}},
+    summary="Cancel a command on every agent that has not finished it",
+)
+async def cancel_command(
+    command_id: str,
+    dispatcher: DispatcherDep,
+    wait: Annotated[
+        float | None,
+        wait_query("Answer when every agent has reached a terminal status, or after this long."),
+    ] = None,
+) -> CommandDetail:
+    detail = await dispatcher.cancel(command_id)
+    if wait:
+        detail = await dispatcher.wait(command_id, min(wait, dispatcher.settings.max_wait))
+    return detail
+
+
 @api.get(
     "/events",
     summary="Server-sent events: one `change` event whenever commands or agents change",
@@ -176,6 +197,18 @@ async def delete_agent(agent_id: AgentIdPath, services: ServicesDep) -> Response
         raise NotFound(f"no agent with id {agent_id!r}")
     await services.link.clear_retained(services.link.topics.status(agent_id))
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@api.get("/stats", response_model=Stats, summary="Counters: dropped messages and the like")
+async def stats(services: ServicesDep) -> Stats:
+    return Stats(
+        broker_connected=services.link.connected.is_set(),
+        dropped={
+            "cmd": services.link.rejected["cmd"],
+            "result": services.link.rejected["result"] + services.store.dropped_results,
+            "status": services.link.rejected["status"],
+        },
+    )
 
 
 health = APIRouter()

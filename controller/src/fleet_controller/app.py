@@ -36,6 +36,7 @@ def create_app(settings: ControllerSettings) -> FastAPI:
         ) as store:
             link = Link(settings, store)
             dispatcher = Dispatcher(settings, store, link, hub)
+            link.on_birth = dispatcher.on_birth
             services = Services(settings, store, link, hub, dispatcher)
             async with asyncio.TaskGroup() as tg:
                 tasks = [

@@ -264,6 +264,30 @@ def _follow(
 
 
 @app.command()
+def cancel(
+    command_id: Annotated[str, typer.Argument(help="The command's id.")],
+    wait: Annotated[bool, typer.Option(help="Wait until every agent has answered.")] = False,
+    max_wait: Annotated[
+        float, typer.Option(min=0.1, help="With --wait: at most this long.")
+    ] = 30.0,
+    url: UrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Cancel a command: queued copies are skipped, running ones killed."""
+    client = _client(url)
+    try:
+        detail = client.cancel(command_id)
+        if wait:
+            detail = _follow(client, detail, max_wait, quiet=as_json)
+    except ApiError as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        console.print_json(data=detail)
+    else:
+        console.print(render.results_table(detail))
+
+
+@app.command()
 def agents(url: UrlOption = None, as_json: JsonOption = False) -> None:
     """Every known agent: online or not, last seen, uptime, version, latency."""
     try:

@@ -84,6 +84,10 @@ class FleetClient:
             on_change(detail)
         return detail
 
+    def cancel(self, command_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._request("POST", f"/api/v1/commands/{command_id}/cancel")
+        return result
+
     def commands(self, **filters: Any) -> dict[str, Any]:
         params = {k: v for k, v in filters.items() if v is not None}
         result: dict[str, Any] = self._request("GET", "/api/v1/commands", params=params)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import aiomqtt
@@ -14,6 +15,7 @@ from fleet_agent.errors import PayloadError
 from fleet_agent.mqtt import Backoff, make_client, stay_connected
 from fleet_agent.protocol import (
     BROADCAST,
+    AgentState,
     Command,
     TopicKind,
     Topics,
@@ -40,6 +42,8 @@ class Link:
         self.rejected: Counter[str] = Counter()
         """Dropped inbound messages, by topic kind."""
         self._client: aiomqtt.Client | None = None
+        self.on_birth: Callable[[str, bool | None], None] | None = None
+        """Called when an agent announces itself online, with its session-present flag."""
 
     async def run(self) -> None:
         """Stay connected forever (until cancelled)."""
@@ -69,7 +73,7 @@ class Link:
         )
         self.connected.set()
         async for message in client.messages:
-            self.on_message(str(message.topic), message.payload)
+            self.on_message(str(message.topic), message.payload, message_retained=message.retain)
 
     async def publish(self, topic: str, command: Command) -> None:
         """Publish at QoS 1 and wait for the broker's acknowledgement."""
@@ -87,7 +91,7 @@ class Link:
             except aiomqtt.MqttError as exc:
                 log.warning("could not clear retained %s: %s", topic, exc)
 
-    def on_message(self, topic: str, raw: object) -> None:
+    def on_message(self, topic: str, raw: object, *, message_retained: bool = False) -> None:
         """Record one inbound message. Never raises: bad input is logged, counted, dropped."""
         parsed = self.topics.parse(topic)
         if parsed is None:
@@ -107,6 +111,8 @@ class Link:
                 if status.agent != parsed.agent_id:
                     raise PayloadError(f"status names agent {status.agent!r}, not the topic's")
                 self.store.record_status(status)
+                if status.state is AgentState.ONLINE and not message_retained and self.on_birth:
+                    self.on_birth(status.agent, status.session_present)
             else:
                 self._on_command(parsed.agent_id, bytes(payload))
         except PayloadError as exc:
@@ -116,9 +122,20 @@ class Link:
     def _on_command(self, target: str, payload: bytes) -> None:
         try:
             command = decode_command(payload, max_bytes=self.settings.max_payload_bytes)
-        except PayloadError:
-            return  # the agents reject it and report why; nothing to record here
+        except PayloadError as exc:
+            # The agents reject it and report why; here it is counted, and remembered so
+            # that their rejections (under ids nobody announced) are recorded.
+            self.rejected[TopicKind.CMD.value] += 1
+            self.store.record_adhoc(target, exc.command, None)
+            log.info(
+                "invalid command on %s: %s",
+                self.topics.cmd(target) if target != BROADCAST else self.topics.broadcast_cmd,
+                exc.reason,
+            )
+            return
         if command.id is None:
-            return  # the agent assigns an id; its result creates the record
+            # The agent assigns an id; its first answer creates the record.
+            self.store.record_adhoc(target, command.command, command.expires_at)
+            return
         agents = None if target == BROADCAST else [target]
         self.store.record_foreign_command(command, target, agents)

@@ -71,6 +71,8 @@ class Aggregate(StrEnum):
     """Every agent succeeded."""
     FAILED = "failed"
     """Every agent reached a terminal status and at least one did not succeed."""
+    CANCELED = "canceled"
+    """Canceled: every agent either canceled it or had already succeeded."""
     NO_TARGETS = "no_targets"
     """Sent to `all` while no agent was known."""
 
@@ -197,3 +199,13 @@ class Health(BaseModel):
     status: Literal["ok", "unavailable"]
     broker_connected: bool | None = None
     store_writable: bool | None = None
+
+
+class Stats(BaseModel):
+    """Counters since the controller started."""
+
+    broker_connected: bool
+    dropped: dict[str, int] = Field(
+        description="Inbound MQTT messages dropped as invalid, by topic kind (cmd, result,"
+        " status); each is logged with its reason."
+    )

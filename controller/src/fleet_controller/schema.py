@@ -55,6 +55,18 @@ _MIGRATIONS: list[str] = [
         first_seen      TEXT NOT NULL
     );
     """,
+    # 2: redelivery bookkeeping, and id-less commands published by others
+    """
+    ALTER TABLE deliveries ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE deliveries ADD COLUMN last_sent_at TEXT;
+    CREATE TABLE adhoc (
+        seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+        target     TEXT NOT NULL,          -- an agent id or 'all'
+        command    TEXT,                   -- NULL when the payload did not even parse
+        seen_at    TEXT NOT NULL,
+        expires_at TEXT NOT NULL
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(_MIGRATIONS)

@@ -7,10 +7,10 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from fleet_agent.protocol import AgentState, Command, Topics, new_command_id, utcnow
+from fleet_agent.protocol import CANCEL, AgentState, Command, Topics, new_command_id, utcnow
 from fleet_controller.errors import BrokerUnavailable, NotFound, UnknownAgents
 from fleet_controller.models import AgentPublic, CommandCreate, CommandDetail, Source
 from fleet_controller.store import NewCommand, agent_key
@@ -30,6 +30,7 @@ class Dispatcher:
     store: Store
     link: Link
     hub: Hub
+    _background: set[asyncio.Task[int]] = field(default_factory=set)
 
     @property
     def topics(self) -> Topics:
@@ -86,6 +87,68 @@ class Dispatcher:
         assert wire.id is not None
         await self.link.publish(self.topics.cmd(agent), wire)
         self.store.record_published(wire.id, [agent])
+
+    async def redeliver(self, agent_id: str | None = None, *, due_only: bool = False) -> int:
+        """Publish again what agents have not acknowledged; the agent's ledger makes a
+        duplicate harmless. Returns how many deliveries were sent."""
+        if not self.link.connected.is_set():
+            return 0
+        if due_only:
+            pending = await self.store.due_redeliveries(interval=self.settings.redeliver_interval)
+        else:
+            pending = await self.store.undelivered(agent_id)
+        sent = 0
+        for item in pending:
+            try:
+                await self.link.publish(self.topics.cmd(item.agent_id), item.command)
+            except BrokerUnavailable:
+                break
+            assert item.command.id is not None
+            await self.store.mark_sent(item.command.id, [item.agent_id])
+            sent += 1
+        if sent:
+            log.info("sent %d unacknowledged command(s) again", sent)
+        return sent
+
+    def on_birth(self, agent_id: str, session_present: bool | None) -> None:
+        """An agent whose broker session is gone lost its queue: send it again now."""
+        if session_present:
+            return
+        task = asyncio.create_task(
+            self.redeliver(agent_id), name=f"fleet-controller-redeliver-{agent_id}"
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def cancel(self, command_id: str) -> CommandDetail:
+        """Tell every agent that has not finished the command to cancel it."""
+        if not self.link.connected.is_set():
+            raise BrokerUnavailable("the controller is not connected to the MQTT broker")
+        cancel_id = new_command_id()
+        agents = await self.store.cancel(command_id, f"canceled by {cancel_id}")
+        if agents is None:
+            raise NotFound(f"no command with id {command_id!r}")
+        if agents:
+            record = NewCommand(
+                id=cancel_id,
+                command=CANCEL,
+                args={"command_id": command_id},
+                target=agents,
+                source=Source.HTTP,
+                timeout=None,
+                ttl=self.settings.default_ttl,
+                created_at=utcnow(),
+            )
+            await self.store.create_command(record, agents)
+            wire = Command(
+                id=cancel_id,
+                command=CANCEL,
+                args={"command_id": command_id},
+                expires_at=record.expires_at,
+            )
+            await asyncio.gather(*(self._publish_one(wire, agent) for agent in agents))
+        self.hub.notify([command_id])
+        return await self.get(command_id)
 
     async def get(self, command_id: str) -> CommandDetail:
         detail = await self.store.get_command(command_id)
@@ -171,4 +234,8 @@ async def sweep_forever(dispatcher: Dispatcher) -> None:
             if expired:
                 log.info("expired unanswered deliveries of %d command(s)", len(expired))
                 dispatcher.hub.notify(expired)
+        try:
+            await dispatcher.redeliver(due_only=True)
+        except Exception:
+            log.exception("sending unacknowledged commands again failed; will retry")
         await asyncio.sleep(settings.sweep_interval)

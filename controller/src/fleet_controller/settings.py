@@ -34,6 +34,12 @@ class ControllerSettings(BrokerSettings):
     sweep_grace: float = Field(
         default=2.0, ge=0, description="Extra seconds before the controller gives up on an agent."
     )
+    redeliver_interval: float = Field(
+        default=10.0,
+        gt=0,
+        description="An online agent that has not acknowledged a command this long after it"
+        " was sent gets it again (doubling each time, up to 5 minutes), until its ttl.",
+    )
     max_wait: float = Field(default=300.0, gt=0, description="Upper bound of ?wait=SECONDS.")
     result_payload_bytes: int = Field(
         default=1024 * 1024, ge=1024, description="Larger result/status payloads are dropped."

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol, Self, TypeVar
 
 from fleet_agent.protocol import (
+    BROADCAST,
     AgentState,
     Command,
     CommandStatus,
@@ -52,6 +53,9 @@ RANK = {
 }
 TERMINAL_RANK = 3
 SWEPT_ERROR = "no answer from the agent before the command's deadline"
+# What an agent says first about a command it was given: only these may introduce an id.
+_FIRST_WORDS = frozenset({CommandStatus.RECEIVED, CommandStatus.REJECTED, CommandStatus.EXPIRED})
+REDELIVERY_CAP_SECONDS = 300.0
 
 
 def agent_key(agent_id: str) -> str:
@@ -79,6 +83,14 @@ class NewCommand:
         return self.created_at + timedelta(seconds=self.ttl)
 
 
+@dataclass(frozen=True, slots=True)
+class Redelivery:
+    """A command to publish (again) to one agent that has not acknowledged it."""
+
+    command: Command
+    agent_id: str
+
+
 class Store(Protocol):
     async def __aenter__(self) -> Self: ...
     async def __aexit__(self, *exc: object) -> None: ...
@@ -89,7 +101,16 @@ class Store(Protocol):
     def record_foreign_command(
         self, command: Command, target: str, agents: list[str] | None
     ) -> None: ...
+    def record_adhoc(
+        self, target: str, command: str | None, expires_at: datetime | None
+    ) -> None: ...
     async def flush(self) -> None: ...
+    async def undelivered(self, agent_id: str | None = None) -> list[Redelivery]: ...
+    async def due_redeliveries(self, *, interval: float) -> list[Redelivery]: ...
+    async def mark_sent(self, command_id: str, agents: Iterable[str]) -> None: ...
+    async def cancel(self, command_id: str, reason: str) -> list[str] | None: ...
+    @property
+    def dropped_results(self) -> int: ...
     async def get_command(self, command_id: str) -> CommandDetail | None: ...
     async def progress(self, command_id: str) -> tuple[bool, str] | None: ...
     async def list_commands(
@@ -107,6 +128,7 @@ class Store(Protocol):
     ) -> list[AgentPublic]: ...
     async def delete_agent(self, agent_id: str) -> bool: ...
     async def sweep(self, *, grace: float, agent_timeout: float) -> set[str]: ...
+
     async def check_writable(self) -> bool: ...
 
 
@@ -137,6 +159,7 @@ class SQLiteStore:
         self._idle = asyncio.Event()
         self._idle.set()
         self._writer: asyncio.Task[None] | None = None
+        self._dropped_results = 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -202,6 +225,16 @@ class SQLiteStore:
         agents known now)."""
         self._enqueue("foreign", (command, target, agents, utcnow()))
 
+    def record_adhoc(self, target: str, command: str | None, expires_at: datetime | None) -> None:
+        """Someone published a command without an id (or one that does not parse): the
+        agents' answers will carry ids nobody announced; remember to accept them."""
+        self._enqueue("adhoc", (target, command, expires_at, utcnow()))
+
+    @property
+    def dropped_results(self) -> int:
+        """Results refused because no known command matches them (forged or stray)."""
+        return self._dropped_results
+
     async def flush(self) -> None:
         """Wait until every queued write is committed."""
         await self._idle.wait()
@@ -231,7 +264,11 @@ class SQLiteStore:
         try:
             for op, data in batch:
                 if op == "result":
-                    touched.add(self._apply_result(*data))
+                    command_id = self._apply_result(*data)
+                    if command_id is not None:
+                        touched.add(command_id)
+                elif op == "adhoc":
+                    self._apply_adhoc(*data)
                 elif op == "status":
                     touched.add(agent_key(self._apply_status(*data)))
                 elif op == "published":
@@ -244,13 +281,29 @@ class SQLiteStore:
         db.execute("COMMIT")
         return touched
 
-    def _apply_result(self, r: Result, seen: datetime) -> str:
+    def _apply_result(self, r: Result, seen: datetime) -> str | None:
         db = self.db
-        db.execute(
-            "INSERT OR IGNORE INTO commands (id, command, args, target, source, timeout, ttl,"
-            " created_at, expires_at) VALUES (?, ?, '{}', ?, 'mqtt', NULL, 0, ?, ?)",
-            (r.id, r.command or "?", json.dumps(r.agent), _iso(r.received_at or seen), _iso(seen)),
-        )
+        row = db.execute("SELECT target FROM commands WHERE id = ?", (r.id,)).fetchone()
+        if row is None:
+            target = self._claim_adhoc(r, seen)
+            if target is None:
+                return self._drop(r, "no such command")
+            expires = seen + timedelta(hours=1)
+            db.execute(
+                "INSERT INTO commands (id, command, args, target, source, timeout, ttl,"
+                " created_at, expires_at) VALUES (?, ?, '{}', ?, 'mqtt', NULL, ?, ?, ?)",
+                (
+                    r.id, r.command or "?", json.dumps(target), 3600.0,
+                    _iso(r.received_at or seen), _iso(expires),
+                ),
+            )  # fmt: skip
+        elif (
+            json.loads(row[0]) != BROADCAST
+            and not db.execute(
+                "SELECT 1 FROM deliveries WHERE command_id = ? AND agent_id = ?", (r.id, r.agent)
+            ).fetchone()
+        ):
+            return self._drop(r, "the agent is not a target of that command")
         rank = _rank(r.status)
         output = json.dumps(r.output) if r.output is not None else None
         db.execute(
@@ -280,6 +333,34 @@ class SQLiteStore:
                 latency = (seen - datetime.fromisoformat(row[0])).total_seconds() * 1000
                 db.execute("UPDATE agents SET latency_ms = ? WHERE id = ?", (latency, r.agent))
         return r.id
+
+    def _drop(self, r: Result, why: str) -> str | None:
+        self._dropped_results += 1
+        log.warning("dropped a %s result from %s for %s: %s", r.status.value, r.agent, r.id, why)
+        return None
+
+    def _claim_adhoc(self, r: Result, seen: datetime) -> str | None:
+        """The target of a recent id-less command this result answers, if any."""
+        if r.status not in _FIRST_WORDS:
+            return None
+        row = self.db.execute(
+            "SELECT seq, target FROM adhoc WHERE target IN (?, ?) AND command IS ?"
+            " AND expires_at > ? ORDER BY seq LIMIT 1",
+            (r.agent, BROADCAST, r.command, _iso(seen)),
+        ).fetchone()
+        if row is None:
+            return None
+        if row[1] != BROADCAST:  # one agent answers once; a broadcast is answered by many
+            self.db.execute("DELETE FROM adhoc WHERE seq = ?", (row[0],))
+        return str(row[1])
+
+    def _apply_adhoc(
+        self, target: str, command: str | None, expires_at: datetime | None, seen: datetime
+    ) -> None:
+        self.db.execute(
+            "INSERT INTO adhoc (target, command, seen_at, expires_at) VALUES (?, ?, ?, ?)",
+            (target, command, _iso(seen), _iso(expires_at or seen + timedelta(hours=1))),
+        )
 
     def _apply_status(self, s: Status, seen: datetime) -> str:
         online = s.state is AgentState.ONLINE
@@ -405,6 +486,7 @@ class SQLiteStore:
             " FROM deliveries d JOIN commands c ON c.id = d.command_id WHERE d.rank < 3",
             (agent_timeout,),
         ).fetchall()
+        db.execute("DELETE FROM adhoc WHERE expires_at <= ?", (_iso(now),))
         due = []
         for command_id, agent_id, rank, expires_at, timeout in rows:
             deadline = datetime.fromisoformat(expires_at) + timedelta(seconds=grace)
@@ -422,6 +504,89 @@ class SQLiteStore:
         )
         db.execute("COMMIT")
         return {c for c, _ in due}
+
+    # -- redelivery and cancel -------------------------------------------------------------
+
+    _REDELIVERY_SELECT = (
+        "SELECT c.id, c.command, c.args, c.timeout, c.expires_at, d.agent_id, d.attempts,"
+        " COALESCE(d.last_sent_at, d.published_at), d.published_at, a.state, a.connected_since"
+        " FROM deliveries d JOIN commands c ON c.id = d.command_id"
+        " LEFT JOIN agents a ON a.id = d.agent_id"
+        " WHERE d.rank = 0 AND c.source = 'http' AND c.expires_at > ?"
+    )
+
+    async def undelivered(self, agent_id: str | None = None) -> list[Redelivery]:
+        """Commands this controller sent that ``agent_id`` (or anyone) has not acknowledged
+        with `received`, oldest first, while their ttl lasts."""
+        return await self._call(self._undelivered, agent_id)
+
+    def _undelivered(self, agent_id: str | None) -> list[Redelivery]:
+        sql = self._REDELIVERY_SELECT + (" AND d.agent_id = ?" if agent_id else "")
+        params: tuple[Any, ...] = (_iso(utcnow()), agent_id) if agent_id else (_iso(utcnow()),)
+        return [_redelivery(row) for row in self.db.execute(sql + " ORDER BY c.seq", params)]
+
+    async def due_redeliveries(self, *, interval: float) -> list[Redelivery]:
+        """Unacknowledged deliveries worth sending again: never published (the broker was
+        down), or sent to an agent that has been online for a while without answering
+        (the broker lost the message), with exponential backoff per delivery."""
+        return await self._call(self._due_redeliveries, interval)
+
+    def _due_redeliveries(self, interval: float) -> list[Redelivery]:
+        now = utcnow()
+        due = []
+        for row in self.db.execute(self._REDELIVERY_SELECT + " ORDER BY c.seq", (_iso(now),)):
+            attempts, last_sent, published, state, since = row[6], row[7], row[8], row[9], row[10]
+            if published is None:
+                due.append(_redelivery(row))
+                continue
+            if state != "online" or since is None:
+                continue  # an offline agent gets its queue when it comes back
+            wait = timedelta(seconds=min(interval * 2**attempts, REDELIVERY_CAP_SECONDS))
+            settled = datetime.fromisoformat(since) + timedelta(seconds=interval)
+            if datetime.fromisoformat(last_sent) + wait <= now and settled <= now:
+                due.append(_redelivery(row))
+        return due
+
+    async def mark_sent(self, command_id: str, agents: Iterable[str]) -> None:
+        await self._call(self._mark_sent, command_id, list(agents))
+
+    def _mark_sent(self, command_id: str, agents: list[str]) -> None:
+        now = _iso(utcnow())
+        self.db.execute("BEGIN IMMEDIATE")
+        self.db.executemany(
+            "UPDATE deliveries SET attempts = attempts + 1, last_sent_at = ?,"
+            " published_at = COALESCE(published_at, ?) WHERE command_id = ? AND agent_id = ?",
+            [(now, now, command_id, a) for a in agents],
+        )
+        self.db.execute("COMMIT")
+
+    async def cancel(self, command_id: str, reason: str) -> list[str] | None:
+        """Agents whose delivery is not terminal yet (None: no such command). Those that
+        never acknowledged it are marked canceled now, provisionally: if an agent runs it
+        anyway, its own result replaces this one."""
+        return await self._call(self._cancel, command_id, reason)
+
+    def _cancel(self, command_id: str, reason: str) -> list[str] | None:
+        db = self.db
+        if not db.execute("SELECT 1 FROM commands WHERE id = ?", (command_id,)).fetchone():
+            return None
+        open_agents = [
+            r[0]
+            for r in db.execute(
+                "SELECT agent_id FROM deliveries WHERE command_id = ? AND rank < 3"
+                " ORDER BY agent_id",
+                (command_id,),
+            )
+        ]
+        now = _iso(utcnow())
+        db.execute("BEGIN IMMEDIATE")
+        db.execute(
+            "UPDATE deliveries SET status = 'canceled', rank = 3, swept = 1, error = ?,"
+            " finished_at = ?, updated_at = ? WHERE command_id = ? AND rank = 0",
+            (reason, now, now, command_id),
+        )
+        db.execute("COMMIT")
+        return open_agents
 
     async def check_writable(self) -> bool:
         try:
@@ -581,6 +746,17 @@ _COMMAND_COLUMNS = (
 )
 
 
+def _redelivery(row: tuple[Any, ...]) -> Redelivery:
+    command = Command(
+        id=row[0],
+        command=row[1],
+        args=json.loads(row[2]),
+        timeout=row[3],
+        expires_at=datetime.fromisoformat(row[4]),
+    )
+    return Redelivery(command=command, agent_id=row[5])
+
+
 def _agent_result(d: tuple[Any, ...]) -> AgentResult:
     started, finished = _dt(d[7]), _dt(d[8])
     return AgentResult(
@@ -602,8 +778,11 @@ def aggregate(statuses: list[CommandStatus]) -> tuple[Aggregate, bool]:
     if not statuses:
         return Aggregate.NO_TARGETS, True
     if all(s.is_terminal for s in statuses):
-        ok = all(s is CommandStatus.SUCCEEDED for s in statuses)
-        return (Aggregate.SUCCEEDED if ok else Aggregate.FAILED), True
+        if all(s is CommandStatus.SUCCEEDED for s in statuses):
+            return Aggregate.SUCCEEDED, True
+        if all(s in (CommandStatus.SUCCEEDED, CommandStatus.CANCELED) for s in statuses):
+            return Aggregate.CANCELED, True
+        return Aggregate.FAILED, True
     if all(s is CommandStatus.PENDING for s in statuses):
         return Aggregate.PENDING, False
     return Aggregate.IN_PROGRESS, False
