@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+from fleet_agent.protocol import CommandStatus
+
 from controller_testing import controller_settings, run_controller
-from fleet_testing import AgentRunner, BrokerEndpoint, run_amqtt
+from fleet_testing import AgentRunner, BrokerEndpoint, Probe, run_amqtt
 
 FAST = {"reconnect_min": 0.05, "reconnect_max": 0.2}
 
@@ -105,3 +107,26 @@ async def test_cancel_unknown_command_is_404(amqtt_broker: BrokerEndpoint, tmp_p
         r = await controller.http.post("/api/v1/commands/nope/cancel")
     assert r.status_code == 404
     assert r.json()["error"] == "not_found"
+
+
+async def test_a_lost_final_result_is_recovered_from_the_agent(
+    broker: BrokerEndpoint, probe: Probe, tmp_path: Path
+) -> None:
+    """A result the controller never got (here: it came back under a new session) is
+    recovered: the command is sent again and the agent answers with its stored result."""
+    db = tmp_path / "f.sqlite3"
+    agents = AgentRunner(broker, tmp_path)
+    async with agents.run("a1"):
+        async with run_controller(controller_settings(broker, db)) as controller:
+            await controller.wait_agent("a1")
+            r = await controller.send(target="a1", command="sleep", args={"seconds": 0.3})
+            command_id = r.json()["id"]
+            await probe.wait_result("a1", command_id, CommandStatus.RUNNING)
+        await probe.wait_result("a1", command_id, CommandStatus.SUCCEEDED)
+        fresh = controller_settings(
+            broker, db, client_id="fleet-controller-2", redeliver_interval=0.2
+        )
+        async with run_controller(fresh) as controller:
+            done = await controller.command(command_id, wait=15)
+    assert done["status"] == "succeeded", done
+    assert probe.statuses_of("a1", command_id).count(CommandStatus.SUCCEEDED) == 2

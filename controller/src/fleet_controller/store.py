@@ -509,10 +509,11 @@ class SQLiteStore:
 
     _REDELIVERY_SELECT = (
         "SELECT c.id, c.command, c.args, c.timeout, c.expires_at, d.agent_id, d.attempts,"
-        " COALESCE(d.last_sent_at, d.published_at), d.published_at, a.state, a.connected_since"
+        " COALESCE(d.last_sent_at, d.published_at), d.published_at, a.state, a.connected_since,"
+        " d.rank, d.updated_at"
         " FROM deliveries d JOIN commands c ON c.id = d.command_id"
         " LEFT JOIN agents a ON a.id = d.agent_id"
-        " WHERE d.rank = 0 AND c.source = 'http' AND c.expires_at > ?"
+        " WHERE c.source = 'http' AND (d.rank = 0 AND c.expires_at > ? OR d.rank IN (1, 2))"
     )
 
     async def undelivered(self, agent_id: str | None = None) -> list[Redelivery]:
@@ -521,7 +522,11 @@ class SQLiteStore:
         return await self._call(self._undelivered, agent_id)
 
     def _undelivered(self, agent_id: str | None) -> list[Redelivery]:
-        sql = self._REDELIVERY_SELECT + (" AND d.agent_id = ?" if agent_id else "")
+        sql = (
+            self._REDELIVERY_SELECT
+            + " AND d.rank = 0"
+            + (" AND d.agent_id = ?" if agent_id else "")
+        )
         params: tuple[Any, ...] = (_iso(utcnow()), agent_id) if agent_id else (_iso(utcnow()),)
         return [_redelivery(row) for row in self.db.execute(sql + " ORDER BY c.seq", params)]
 
@@ -536,14 +541,18 @@ class SQLiteStore:
         due = []
         for row in self.db.execute(self._REDELIVERY_SELECT + " ORDER BY c.seq", (_iso(now),)):
             attempts, last_sent, published, state, since = row[6], row[7], row[8], row[9], row[10]
+            rank, updated = row[11], row[12]
             if published is None:
                 due.append(_redelivery(row))
                 continue
             if state != "online" or since is None:
                 continue  # an offline agent gets its queue when it comes back
+            # Pending: the broker may have lost it. Received or running: its final result
+            # may have been lost (the agent answers a duplicate with the stored result).
+            reference = last_sent if rank == 0 else max(last_sent, updated)
             wait = timedelta(seconds=min(interval * 2**attempts, REDELIVERY_CAP_SECONDS))
             settled = datetime.fromisoformat(since) + timedelta(seconds=interval)
-            if datetime.fromisoformat(last_sent) + wait <= now and settled <= now:
+            if datetime.fromisoformat(reference) + wait <= now and settled <= now:
                 due.append(_redelivery(row))
         return due
 
