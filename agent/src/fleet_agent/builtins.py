@@ -113,6 +113,9 @@ def _kill_group(pgid: int, sig: signal.Signals) -> None:
 async def run(args: RunArgs, ctx: Context) -> Outcome:
     """Execute a program (argv list, no shell) and return its exit code, stdout and stderr.
 
+    The program's environment is the agent's, plus FLEET_AGENT_ID and FLEET_COMMAND_ID, plus
+    ``env``.
+
     The program leads a process group of its own; when the command times out or is cancelled
     the whole group is terminated, then killed, so no grandchild outlives it.
     """
@@ -120,7 +123,12 @@ async def run(args: RunArgs, ctx: Context) -> Outcome:
         proc = await asyncio.create_subprocess_exec(
             *args.argv,
             cwd=args.cwd,
-            env={**os.environ, **args.env} if args.env else None,
+            env={
+                **os.environ,
+                "FLEET_AGENT_ID": ctx.agent_id,
+                "FLEET_COMMAND_ID": ctx.command_id,
+                **args.env,
+            },
             stdin=asyncio.subprocess.PIPE if args.stdin is not None else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,

@@ -209,7 +209,7 @@ class Result(_Message):
     agent: AgentId
     status: CommandStatus
     command: str | None = Field(default=None, description="The command's name, when known.")
-    exit_code: int | None = None
+    exit_code: int | None = Field(default=None, ge=-(2**31), lt=2**31)
     output: JsonValue = None
     error: str | None = None
     received_at: AwareDatetime | None = None
@@ -257,7 +257,7 @@ def encode(message: _Message) -> bytes:
     return message.model_dump_json(exclude_none=True).encode()
 
 
-def _load_object(payload: bytes, max_bytes: int) -> dict[str, Any]:
+def _load_object(payload: bytes, max_bytes: int, *, unicode: bool = True) -> dict[str, Any]:
     if len(payload) > max_bytes:
         raise PayloadError(f"payload of {len(payload)} bytes exceeds the limit of {max_bytes}")
     try:
@@ -268,9 +268,25 @@ def _load_object(payload: bytes, max_bytes: int) -> dict[str, Any]:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise PayloadError(f"payload is not JSON: {exc.msg} at position {exc.pos}") from exc
+    except RecursionError as exc:
+        raise PayloadError("payload is not usable JSON: nested too deeply") from exc
+    except ValueError as exc:  # e.g. an integer with more digits than Python converts
+        raise PayloadError(f"payload is not usable JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise PayloadError(f"payload must be a JSON object, not {type(data).__name__}")
+    if unicode:
+        check_unicode(data)
     return data
+
+
+def check_unicode(value: object) -> None:
+    """Refuse strings that cannot be sent on as UTF-8 (JSON's lone ``\\ud800`` escapes)."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PayloadError("payload contains an unpaired UTF-16 surrogate escape") from exc
+    except (RecursionError, ValueError) as exc:
+        raise PayloadError(f"payload is not usable JSON: {exc}") from exc
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -288,12 +304,21 @@ def decode_command(payload: bytes, *, max_bytes: int) -> Command:
     The error carries the command id and name when the payload yields them, so the
     rejection can be reported against the right command.
     """
-    data = _load_object(payload, max_bytes)
+    data = _load_object(payload, max_bytes, unicode=False)
     raw_id, raw_name = data.get("id"), data.get("command")
     command_id = (
         raw_id if isinstance(raw_id, str) and _COMMAND_ID_PATTERN.fullmatch(raw_id) else None
     )
-    name = raw_name if isinstance(raw_name, str) else None
+    # Only a well-formed name is echoed back: anything else may not even be valid UTF-8.
+    name = (
+        raw_name
+        if isinstance(raw_name, str) and _COMMAND_NAME_PATTERN.fullmatch(raw_name)
+        else None
+    )
+    try:
+        check_unicode(data)
+    except PayloadError as exc:
+        raise PayloadError(exc.reason, command_id=command_id, command=name) from exc
     try:
         return Command.model_validate(data)
     except ValidationError as exc:

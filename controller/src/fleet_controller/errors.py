@@ -44,3 +44,10 @@ class BrokerUnavailable(FleetError):
 
     status_code = 503
     code = "broker_unavailable"
+
+
+class InvalidCommand(FleetError):
+    """A request that validates field by field but cannot be sent as a whole."""
+
+    status_code = 422
+    code = "invalid_request"

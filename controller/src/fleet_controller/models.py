@@ -6,9 +6,24 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, PlainValidator, WithJsonSchema
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    PlainValidator,
+    WithJsonSchema,
+    field_validator,
+)
 
-from fleet_agent.protocol import BROADCAST, CommandName, CommandStatus, check_agent_id
+from fleet_agent.errors import PayloadError
+from fleet_agent.protocol import (
+    BROADCAST,
+    CommandName,
+    CommandStatus,
+    check_agent_id,
+    check_unicode,
+)
 
 MAX_TARGETS = 10_000
 
@@ -103,6 +118,15 @@ class CommandCreate(BaseModel):
     allow_unknown: bool = Field(
         default=False, description="Accept agent ids never seen yet (provisioned devices)."
     )
+
+    @field_validator("args")
+    @classmethod
+    def _sendable(cls, args: dict[str, JsonValue]) -> dict[str, JsonValue]:
+        try:
+            check_unicode(args)
+        except PayloadError as exc:
+            raise ValueError(exc.reason) from None
+        return args
 
     @property
     def is_broadcast(self) -> bool:

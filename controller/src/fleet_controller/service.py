@@ -10,8 +10,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from fleet_agent.protocol import CANCEL, AgentState, Command, Topics, new_command_id, utcnow
-from fleet_controller.errors import BrokerUnavailable, NotFound, UnknownAgents
+from fleet_agent.protocol import (
+    CANCEL,
+    AgentState,
+    Command,
+    Topics,
+    encode,
+    new_command_id,
+    utcnow,
+)
+from fleet_controller.errors import BrokerUnavailable, InvalidCommand, NotFound, UnknownAgents
 from fleet_controller.models import AgentPublic, CommandCreate, CommandDetail, Source
 from fleet_controller.store import NewCommand, agent_key
 
@@ -67,6 +75,12 @@ class Dispatcher:
             timeout=record.timeout,
             expires_at=record.expires_at,
         )
+        size = len(encode(wire))
+        if size > self.settings.max_payload_bytes:
+            raise InvalidCommand(
+                f"args: the command is {size} bytes once encoded; agents accept at most"
+                f" {self.settings.max_payload_bytes} (max_payload_bytes)"
+            )
         await self.store.create_command(record, agents)
         try:
             if request.is_broadcast:

@@ -160,6 +160,7 @@ class SQLiteStore:
         self._idle.set()
         self._writer: asyncio.Task[None] | None = None
         self._dropped_results = 0
+        self._unwritable = 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -233,7 +234,7 @@ class SQLiteStore:
     @property
     def dropped_results(self) -> int:
         """Results refused because no known command matches them (forged or stray)."""
-        return self._dropped_results
+        return self._dropped_results + self._unwritable
 
     async def flush(self) -> None:
         """Wait until every queued write is committed."""
@@ -252,6 +253,10 @@ class SQLiteStore:
                 self._queue[:0] = batch
                 await asyncio.sleep(1.0)
                 continue
+            except Exception:
+                log.exception("store write of %d records failed; they are dropped", len(batch))
+                self._unwritable += len(batch)
+                touched = set()
             if not self._queue:
                 self._idle.set()
             if self._on_commit is not None and touched:
@@ -263,23 +268,37 @@ class SQLiteStore:
         db.execute("BEGIN IMMEDIATE")
         try:
             for op, data in batch:
-                if op == "result":
-                    command_id = self._apply_result(*data)
-                    if command_id is not None:
-                        touched.add(command_id)
-                elif op == "adhoc":
-                    self._apply_adhoc(*data)
-                elif op == "status":
-                    touched.add(agent_key(self._apply_status(*data)))
-                elif op == "published":
-                    touched.add(self._apply_published(*data))
-                elif op == "foreign":
-                    touched.add(self._apply_foreign(*data))
+                # Each record in a savepoint: one that cannot be written (a value SQLite
+                # refuses, a bug) is logged and skipped, and the rest of the batch lands.
+                db.execute("SAVEPOINT record")
+                try:
+                    touched |= self._apply_one(op, data)
+                except Exception:
+                    db.execute("ROLLBACK TO record")
+                    self._unwritable += 1
+                    log.exception("dropped a %s record that could not be stored", op)
+                db.execute("RELEASE record")
         except BaseException:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
         return touched
+
+    def _apply_one(self, op: str, data: Any) -> set[str]:
+        """Apply one queued record; the keys (command ids, agent keys) it changed."""
+        if op == "result":
+            command_id = self._apply_result(*data)
+            return {command_id} if command_id is not None else set()
+        if op == "adhoc":
+            self._apply_adhoc(*data)
+            return set()
+        if op == "status":
+            return {agent_key(self._apply_status(*data))}
+        if op == "published":
+            return {self._apply_published(*data)}
+        if op == "foreign":
+            return {self._apply_foreign(*data)}
+        raise ValueError(f"unknown store operation {op!r}")
 
     def _apply_result(self, r: Result, seen: datetime) -> str | None:
         db = self.db
@@ -489,9 +508,12 @@ class SQLiteStore:
         db.execute("DELETE FROM adhoc WHERE expires_at <= ?", (_iso(now),))
         due = []
         for command_id, agent_id, rank, expires_at, timeout in rows:
-            deadline = datetime.fromisoformat(expires_at) + timedelta(seconds=grace)
-            if rank > 0:
-                deadline += timedelta(seconds=timeout)
+            try:
+                deadline = datetime.fromisoformat(expires_at) + timedelta(seconds=grace)
+                if rank > 0:
+                    deadline += timedelta(seconds=timeout)
+            except OverflowError:
+                continue  # expires after the end of the calendar: never
             if deadline <= now:
                 due.append((command_id, agent_id))
         if not due:
