@@ -47,7 +47,7 @@ BAD_INPUT = [
     pytest.param(
         as_json({"command": "frobnicate", "id": "unknown"}),
         "unknown",
-        "unknown command 'frobnicate'; this agent supports: info, ping, run, sleep",
+        "unknown command 'frobnicate'; this agent supports: cancel, info, ping, run, sleep",
         id="unknown-command",
     ),
     pytest.param(

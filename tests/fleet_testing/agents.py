@@ -23,12 +23,13 @@ if TYPE_CHECKING:
 
 class AgentRunner:
     """Starts agents against one broker. Each agent id keeps its own state dir under ``root``,
-    so an agent started again under the same id is a restart: same ledger, same session."""
+    so an agent started again under the same id is a restart: same ledger, same session.
+    Test agents allow `run` of any executable (``run_allow=["*"]``) unless told otherwise."""
 
     def __init__(self, endpoint: BrokerEndpoint, root: Path, **defaults: Any) -> None:
         self.endpoint = endpoint
         self.root = root
-        self.defaults = defaults
+        self.defaults = {"run_allow": ["*"], **defaults}
 
     def state_dir(self, agent_id: str) -> Path:
         return self.root / "agents" / agent_id
@@ -70,6 +71,7 @@ class AgentRunner:
             str(self.endpoint.port),
             "--state-dir",
             str(self.state_dir(agent_id)),
+            *(("--run-allow", "*") if "--run-allow" not in extra_args else ()),
             *extra_args,
         ]
         return AgentProcess(argv, self.root / f"{agent_id}.log")

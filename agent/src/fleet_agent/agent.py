@@ -24,6 +24,7 @@ from fleet_agent.builtins import BUILTINS, host_facts
 from fleet_agent.errors import CommandError, PayloadError
 from fleet_agent.ledger import Ledger
 from fleet_agent.mqtt import Backoff, SessionFlag, make_client, stay_connected
+from fleet_agent.policy import Policy
 from fleet_agent.protocol import (
     BROADCAST,
     CANCEL,
@@ -78,6 +79,7 @@ class Agent:
         self.id = settings.agent_id
         self.registry = registry if registry is not None else build_registry(settings)
         self.topics = Topics(settings.prefix)
+        self.policy = Policy(enabled=settings.enabled_commands, run_allow=settings.run_allow)
         self.online = asyncio.Event()
         """Set while connected, subscribed and announced; cleared on connection loss."""
         self.started_at = utcnow()
@@ -197,7 +199,7 @@ class Agent:
         await client.subscribe([(self.topics.cmd(self.id), 1), (self.topics.broadcast_cmd, 1)])
         await client.publish(self.topics.status(self.id), encode(self._birth()), qos=1, retain=True)
         self.online.set()
-        log.info("agent %s online; commands: %s", self.id, ", ".join(self.registry.names()))
+        log.info("agent %s online; commands: %s", self.id, ", ".join(self.commands()))
         async with asyncio.TaskGroup() as tg:
             reader = tg.create_task(self._read(client), name=f"fleet-agent-{self.id}-read")
             outbox = tg.create_task(self._drain_outbox(client), name=f"fleet-agent-{self.id}-out")
@@ -210,12 +212,16 @@ class Agent:
             outbox.cancel()
         self.online.clear()
 
+    def commands(self) -> list[str]:
+        """The commands this agent accepts: registered and enabled, plus cancel."""
+        return sorted([*(n for n in self.registry.names() if self.policy.allows(n)), CANCEL])
+
     def _birth(self) -> Status:
         return Status(
             agent=self.id,
             state=AgentState.ONLINE,
             version=__version__,
-            commands=sorted([*self.registry.names(), CANCEL]),
+            commands=self.commands(),
             started_at=self.started_at,
             host=dict(host_facts()),
             session_present=self._session_flag.present if self._session_flag else None,
@@ -286,9 +292,12 @@ class Agent:
             self._cancel(command, now)
             return
         spec = self.registry.get(command.command)
+        if spec is not None and not self.policy.allows(command.command):
+            self._reject(command.id, command.command, self.policy.refusal(command.command))
+            return
         if spec is None:
             reason = f"unknown command {command.command!r}; this agent supports: " + ", ".join(
-                self.registry.names()
+                self.commands()
             )
             self._reject(command.id, command.command, reason)
             return
@@ -298,6 +307,11 @@ class Agent:
             detail = describe_validation_error(exc)
             self._reject(command.id, command.command, f"invalid args: {detail}")
             return
+        vetted, refusal = self.policy.vet(command.command, args)
+        if vetted is None:
+            self._reject(command.id, command.command, refusal or "refused by policy")
+            return
+        args = vetted
         if entry is None:
             self._ledger.claim(command.id, command.command, encode(command).decode())
         self._emit(

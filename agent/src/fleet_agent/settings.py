@@ -66,6 +66,16 @@ class AgentSettings(BrokerSettings):
     command_modules: list[str] = Field(
         default_factory=list, description="Modules that register extra commands."
     )
+    enabled_commands: list[str] | None = Field(
+        default=None,
+        description="Commands this agent accepts (default: every registered one; `run` also"
+        " needs run_allow).",
+    )
+    run_allow: list[str] = Field(
+        default_factory=list,
+        description="Executables `run` may start (names on PATH or paths); `*` allows any."
+        " Empty: `run` is disabled.",
+    )
     log_level: LogLevel = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR.")
 
     @property

@@ -181,7 +181,8 @@ async def get_agent(
         AgentState, Query(description="With `wait`: the state to wait for.")
     ] = AgentState.ONLINE,
 ) -> AgentPublic:
-    agent = await services.dispatcher.agent(agent_id, wait=wait or 0, until=until)
+    limit = min(wait or 0, services.settings.max_wait)
+    agent = await services.dispatcher.agent(agent_id, wait=limit, until=until)
     if agent is None:
         raise NotFound(f"no agent with id {agent_id!r}")
     return agent
@@ -236,7 +237,7 @@ async def readyz(
 ) -> JSONResponse:
     if wait:
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(wait):
+            async with asyncio.timeout(min(wait, services.settings.max_wait)):
                 await services.link.connected.wait()
     broker = services.link.connected.is_set()
     store = await services.store.check_writable()

@@ -21,6 +21,11 @@ from fleet_controller.serve import STATE_FILE, bind_tcp, http_server, stop_on_si
 from fleet_controller.settings import ControllerSettings
 
 OPERATOR = "operator"
+# What `run` may start on the demo agents: harmless, read-only programs.
+DEMO_RUN_ALLOW = [
+    "uname", "uptime", "df", "free", "date", "hostname", "echo", "true", "false", "sleep",
+    "whoami", "id",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,7 @@ async def run_up(options: UpOptions, console: Console) -> None:
                 broker_host=client_host,
                 broker_port=mqtt_port,
                 state_dir=state_dir / "agents" / agent_id,
+                run_allow=DEMO_RUN_ALLOW,
             )
             await stack.enter_async_context(Agent(agent_settings))
         async with httpx.AsyncClient(base_url=url, timeout=60) as http:
