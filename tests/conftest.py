@@ -29,6 +29,22 @@ async def amqtt_broker() -> AsyncIterator[BrokerEndpoint]:
         yield endpoint
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--chaos-scale",
+        type=int,
+        default=1,
+        help="Multiply the chaos soak test's agents and commands by this factor.",
+    )
+
+
+@pytest.fixture
+def chaos_scale(request: pytest.FixtureRequest) -> int:
+    """How much larger than the CI size the chaos soak runs (--chaos-scale)."""
+    scale: int = request.config.getoption("--chaos-scale")
+    return max(scale, 1)
+
+
 def require(binary: Path, package: str) -> str:
     """The binary's path; a missing one skips the test on a developer's machine with the
     reason, and fails it in CI (CI=true), where nothing may be skipped."""

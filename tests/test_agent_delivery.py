@@ -53,9 +53,11 @@ async def test_duplicate_while_running_is_ignored(
     """Copies of an id (valid or malformed) that arrive while it runs are ignored."""
     out, gate = tmp_path / "dup.txt", tmp_path / "gate"
     os.mkfifo(gate)
-    # Holding the FIFO open for writing keeps `cat` blocked until the test closes it.
+    # The command blocks reading a line from the FIFO; the test holds it open, so a line it
+    # writes waits in the pipe even if the command has not opened it yet: no race.
     gate_fd = os.open(gate, os.O_RDWR)
-    args = {"argv": ["sh", "-c", 'echo ran >> "$0"; cat "$1" >/dev/null', str(out), str(gate)]}
+    script = 'echo ran >> "$0"; exec 3<>"$1"; read -r line <&3'
+    args = {"argv": ["sh", "-c", script, str(out), str(gate)]}
     try:
         async with agents.run("dup"):
             first = await probe.send("dup", "run", id="dup-1", args=args)
@@ -70,8 +72,7 @@ async def test_duplicate_while_running_is_ignored(
                 CommandStatus.RECEIVED,
                 CommandStatus.RUNNING,
             ]
-            os.close(gate_fd)
-            gate_fd = -1
+            os.write(gate_fd, b"go\n")
             await probe.wait_result("dup", "dup-1", CommandStatus.SUCCEEDED)
     finally:
         if gate_fd >= 0:

@@ -5,7 +5,12 @@
 - :class:`Probe` is an MQTT client that records every result and status the fleet publishes and
   lets a test wait for one, with a timeout, instead of sleeping;
 - :class:`AgentRunner` starts in-process agents (restartable on the same state dir) and
-  :class:`AgentProcess` runs ``python -m fleet_agent`` as a real process that can be SIGKILLed.
+  :class:`AgentProcess` runs ``python -m fleet_agent`` as a real process that can be SIGKILLed;
+- :class:`FaultProxy` sits between clients and a broker and cuts, stalls or refuses their
+  connections; :func:`run_traced_agent` exposes an agent's ``online`` event as a
+  :class:`TracedEvent`, whose clears can be awaited too;
+- :class:`BrokerProcess` and :class:`ControllerProcess` run the broker and the controller as
+  processes that can be SIGKILLed and restarted on the same ports.
 """
 
 from fleet_testing.agents import AgentProcess, AgentRunner, is_gone, wait_process_exit
@@ -22,24 +27,32 @@ from fleet_testing.brokers import (
     run_mosquitto,
     stop_process,
 )
+from fleet_testing.faults import FaultProxy, TracedEvent, run_traced_agent
 from fleet_testing.probe import Probe, Seen, with_id
+from fleet_testing.processes import PROCESS_START_TIMEOUT, BrokerProcess, ControllerProcess
 
 __all__ = [
     "BROKER_KINDS",
     "BROKER_YAML",
     "DEFAULT_TIMEOUT",
     "MOSQUITTO",
+    "PROCESS_START_TIMEOUT",
     "AgentProcess",
     "AgentRunner",
     "BrokerEndpoint",
+    "BrokerProcess",
+    "ControllerProcess",
+    "FaultProxy",
     "Probe",
     "Seen",
+    "TracedEvent",
     "free_port",
     "is_gone",
     "mosquitto_pub",
     "run_amqtt",
     "run_broker",
     "run_mosquitto",
+    "run_traced_agent",
     "stop_process",
     "wait_process_exit",
     "with_id",
