@@ -160,7 +160,7 @@ class Agent:
             log.info(
                 "waiting up to %.0fs for %d command(s)", self.settings.shutdown_grace, len(running)
             )
-            _, pending = await asyncio.wait(running, timeout=self.settings.shutdown_grace or None)
+            _, pending = await asyncio.wait(running, timeout=self.settings.shutdown_grace)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
