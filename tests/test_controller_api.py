@@ -171,3 +171,14 @@ async def test_openapi_documents_every_route(controller: Controller) -> None:
     assert {"/api/v1/commands", "/api/v1/agents", "/readyz"} <= set(spec["paths"])
     fields = spec["components"]["schemas"]["CommandCreate"]["properties"]
     assert all(f.get("description") for f in fields.values())
+
+
+async def test_oversize_body_is_413_before_it_is_read(controller: Controller) -> None:
+    """A body declared larger than max_body_bytes is refused with 413 in the error shape."""
+    r = await controller.http.post(
+        "/api/v1/commands",
+        content=b"{" + b" " * (3 * 1024 * 1024) + b"}",
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 413
+    assert r.json()["error"] == "payload_too_large"

@@ -130,6 +130,8 @@ class TestFaultProxy:
             with contextlib.suppress(ConnectionResetError):
                 assert await reader.read(1) == b""
             writer.close()
+            with contextlib.suppress(ConnectionResetError):
+                await writer.wait_closed()
             proxy.accept()
             async with Probe(proxy.endpoint) as probe:
                 cid = await probe.send("a1", "ping")

@@ -280,13 +280,16 @@ def _load_object(payload: bytes, max_bytes: int, *, unicode: bool = True) -> dic
 
 
 def check_unicode(value: object) -> None:
-    """Refuse strings that cannot be sent on as UTF-8 (JSON's lone ``\\ud800`` escapes)."""
+    """Refuse what cannot be sent on as strict JSON in UTF-8: JSON's lone ``\\ud800``
+    escapes, and the NaN/Infinity numbers Python's parser accepts."""
     try:
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
     except UnicodeEncodeError as exc:
         raise PayloadError("payload contains an unpaired UTF-16 surrogate escape") from exc
-    except (RecursionError, ValueError) as exc:
-        raise PayloadError(f"payload is not usable JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise PayloadError("payload is not usable JSON: nested too deeply") from exc
+    except ValueError as exc:
+        raise PayloadError("numbers must be finite (NaN and Infinity are not JSON)") from exc
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fleet_agent.errors import FleetError
 from fleet_controller.api import api, health
@@ -57,7 +58,31 @@ def create_app(settings: ControllerSettings) -> FastAPI:
     app.include_router(api)
     app.include_router(health)
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     return app
+
+
+class BodyLimit:
+    """413, in the error shape, for a request whose declared body is over the limit, before
+    any of it is read."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            for name, value in scope["headers"]:
+                if name == b"content-length" and (
+                    not value.isdigit() or int(value) > self.max_bytes
+                ):
+                    body = ErrorBody(
+                        error="payload_too_large",
+                        message=f"request body is over {self.max_bytes} bytes",
+                    )
+                    await _error(413, body)(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
 
 
 def _error(status_code: int, body: ErrorBody) -> JSONResponse:

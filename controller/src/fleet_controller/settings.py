@@ -44,6 +44,9 @@ class ControllerSettings(BrokerSettings):
     result_payload_bytes: int = Field(
         default=1024 * 1024, ge=1024, description="Larger result/status payloads are dropped."
     )
+    max_body_bytes: int = Field(
+        default=2 * 1024 * 1024, ge=1024, description="Larger HTTP request bodies get 413."
+    )
     batch_max: int = Field(default=1000, ge=1, description="Most writes in one transaction.")
     log_level: LogLevel = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR.")
 
