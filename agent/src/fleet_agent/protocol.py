@@ -22,6 +22,7 @@ from pydantic import (
     Field,
     JsonValue,
     ValidationError,
+    WithJsonSchema,
 )
 
 from fleet_agent.errors import InvalidAgentId, PayloadError
@@ -68,10 +69,15 @@ def _check_prefix(value: str) -> str:
     return value
 
 
-AgentId = Annotated[str, AfterValidator(check_agent_id)]
-CommandId = Annotated[str, AfterValidator(_check_command_id)]
-CommandName = Annotated[str, AfterValidator(_check_command_name)]
-TopicPrefix = Annotated[str, AfterValidator(_check_prefix)]
+def _pattern(regex: re.Pattern[str]) -> WithJsonSchema:
+    """The pattern in the JSON schema too (the validator gives the friendlier message)."""
+    return WithJsonSchema({"type": "string", "pattern": f"^{regex.pattern}$"})
+
+
+AgentId = Annotated[str, AfterValidator(check_agent_id), _pattern(_ID_PATTERN)]
+CommandId = Annotated[str, AfterValidator(_check_command_id), _pattern(_COMMAND_ID_PATTERN)]
+CommandName = Annotated[str, AfterValidator(_check_command_name), _pattern(_COMMAND_NAME_PATTERN)]
+TopicPrefix = Annotated[str, AfterValidator(_check_prefix), _pattern(_PREFIX_PATTERN)]
 
 
 def new_command_id() -> str:
@@ -292,13 +298,20 @@ def check_unicode(value: object) -> None:
         raise PayloadError("numbers must be finite (NaN and Infinity are not JSON)") from exc
 
 
+_MAX_REPORTED_ERRORS = 10
+_MAX_LOCATION = 80
+
+
 def describe_validation_error(exc: ValidationError) -> str:
     """One line naming each offending field and what is wrong with it."""
     parts = []
-    for error in exc.errors(include_url=False):
+    for error in exc.errors(include_url=False)[:_MAX_REPORTED_ERRORS]:
         where = ".".join(str(p) for p in error["loc"]) or "payload"
+        if len(where) > _MAX_LOCATION:
+            where = where[: _MAX_LOCATION // 2] + "..." + where[-_MAX_LOCATION // 2 :]
         parts.append(f"{where}: {error['msg']}")
-    return "; ".join(parts)
+    hidden = exc.error_count() - len(parts)
+    return "; ".join(parts) + (f"; and {hidden} more" if hidden > 0 else "")
 
 
 def decode_command(payload: bytes, *, max_bytes: int) -> Command:
