@@ -139,6 +139,20 @@ class TestFaultProxy:
             assert online.transitions == [True]
         assert (proxy.accepted, proxy.refused) == (3, 1)
 
+    async def test_a_silent_client_never_reaches_the_broker_and_cut_closes_it(
+        self, proxy: FaultProxy
+    ) -> None:
+        """A client that sends nothing gets no broker connection; cut() closes it all the same."""
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        await proxy.wait_for(lambda: proxy.accepted == 1, what="the connection accepted")
+        assert proxy.active == 0
+        assert proxy.cut() == 0
+        with contextlib.suppress(ConnectionResetError):
+            assert await reader.read(1) == b""
+        writer.close()
+        with contextlib.suppress(ConnectionResetError):
+            await writer.wait_closed()
+
     async def test_retarget_and_cut_move_an_agent_to_another_broker(
         self, proxy: FaultProxy, proxied: AgentRunner
     ) -> None:

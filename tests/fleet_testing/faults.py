@@ -74,9 +74,10 @@ class FaultProxy:
 
     ``cut()`` resets every open connection, ``stall()`` holds bytes in both directions until
     ``resume()`` (a silent network: no FIN, no RST), ``refuse()`` resets new connections until
-    ``accept()``, ``retarget()`` sends new connections to another port. Counters: ``accepted``
-    (every connection, refused ones included), ``refused``, ``unreachable`` (the broker did not
-    answer), ``cuts`` (pairs reset by ``cut()``), ``active`` (pairs forwarding now).
+    ``accept()``, ``retarget()`` sends new connections to another port. The broker is dialled
+    when a client sends its first bytes. Counters: ``accepted`` (every connection, refused ones
+    included), ``refused``, ``unreachable`` (the broker did not answer), ``cuts`` (pairs reset
+    by ``cut()``), ``active`` (pairs forwarding now).
     """
 
     def __init__(self, target: BrokerEndpoint, *, host: str = "127.0.0.1") -> None:
@@ -85,6 +86,8 @@ class FaultProxy:
         self.port = 0
         self.accepted = self.refused = self.unreachable = self.cuts = 0
         self._pairs: set[_Pair] = set()
+        self._silent: set[asyncio.StreamWriter] = set()
+        """Clients that have not sent anything yet, so have no broker connection."""
         self._handlers: set[asyncio.Task[None]] = set()
         self._flowing = asyncio.Event()
         self._flowing.set()
@@ -135,7 +138,10 @@ class FaultProxy:
     # -- faults ------------------------------------------------------------------------------
 
     def cut(self) -> int:
-        """Reset both sides of every open pair at once; return how many pairs were cut."""
+        """Reset both sides of every open pair at once, and clients that have not spoken yet;
+        return how many pairs were cut."""
+        for writer in self._silent:
+            _reset(writer)
         pairs, self._pairs = self._pairs, set()
         for pair in pairs:
             pair.reset()
@@ -191,6 +197,7 @@ class FaultProxy:
         assert task is not None
         self._handlers.add(task)
         self.accepted += 1
+        self._pulse.notify()
         broker_writer: asyncio.StreamWriter | None = None
         pair: _Pair | None = None
         pumps: list[asyncio.Task[None]] = []
@@ -198,6 +205,15 @@ class FaultProxy:
             if self._refusing:
                 self.refused += 1
                 _reset(writer)
+                return
+            # Dial the broker only once the client speaks: amqtt 0.12 never closes a connection
+            # that ends before CONNECT, so one that never speaks would leak in its process.
+            first = b""
+            self._silent.add(writer)
+            with contextlib.suppress(OSError):
+                first = await reader.read(_CHUNK)
+            self._silent.discard(writer)
+            if not first:
                 return
             try:
                 broker_reader, broker_writer = await asyncio.open_connection(
@@ -209,6 +225,10 @@ class FaultProxy:
                 return
             pair = _Pair(writer, broker_writer)
             self._pairs.add(pair)
+            if self._flowing.is_set():
+                broker_writer.write(first)
+            else:
+                pair.held[broker_writer] += first
             self._pulse.notify()
             pumps = [
                 asyncio.create_task(self._pump(reader, broker_writer, pair), name="proxy-up"),
@@ -219,6 +239,7 @@ class FaultProxy:
         finally:
             # Close before awaiting anything: __aexit__ may cancel this task once more.
             writer.close()
+            self._silent.discard(writer)
             if broker_writer is not None:
                 broker_writer.close()
             if pair is not None:
