@@ -3,7 +3,6 @@ client that records what the fleet publishes, and agents that can be restarted."
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from fleet_testing import (
     AgentRunner,
     BrokerEndpoint,
     Probe,
+    require,
     run_amqtt,
     run_mosquitto,
 )
@@ -43,17 +43,6 @@ def chaos_scale(request: pytest.FixtureRequest) -> int:
     """How much larger than the CI size the chaos soak runs (--chaos-scale)."""
     scale: int = request.config.getoption("--chaos-scale")
     return max(scale, 1)
-
-
-def require(binary: Path, package: str) -> str:
-    """The binary's path; a missing one skips the test on a developer's machine with the
-    reason, and fails it in CI (CI=true), where nothing may be skipped."""
-    if binary.exists():
-        return str(binary)
-    message = f"{binary} not found: apt-get install {package}"
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(message + " (required in CI)")
-    pytest.skip(message)
 
 
 @pytest.fixture

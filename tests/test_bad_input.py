@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import re
 import signal
 import sys
@@ -38,6 +37,7 @@ from fleet_testing import (
     BrokerEndpoint,
     Probe,
     Seen,
+    require,
     run_broker,
     stop_process,
 )
@@ -114,11 +114,8 @@ async def shared(
     """One scene per broker kind for the tests whose garbage the fleet survives: starting a
     scene costs more than such a test, so they share it and count drops as differences."""
     kind: str = request.param
-    if kind == "mosquitto" and not MOSQUITTO.exists():
-        message = f"{MOSQUITTO} not found: apt-get install mosquitto"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(message + " (required in CI)")
-        pytest.skip(message)
+    if kind == "mosquitto":
+        require(MOSQUITTO, "mosquitto")
     root = tmp_path_factory.mktemp(f"shared-{kind}")
     async with run_broker(kind, root) as endpoint, scene(endpoint, root) as s:
         yield s

@@ -14,7 +14,14 @@ from fleet_agent.mqtt import NODELAY
 from fleet_agent.protocol import Command, CommandStatus, decode_result, encode
 from fleet_controller.broker import BUILTIN_CONFIG
 
-from fleet_testing import DEFAULT_TIMEOUT, MOSQUITTO, AgentRunner, BrokerEndpoint, run_mosquitto
+from fleet_testing import (
+    DEFAULT_TIMEOUT,
+    MOSQUITTO,
+    AgentRunner,
+    BrokerEndpoint,
+    require,
+    run_mosquitto,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "deploy" / "mosquitto" / "fleet.conf"
@@ -54,8 +61,7 @@ async def test_round_trip_through_shipped_mosquitto_config(
 ) -> None:
     """An agent and an operator with passwords do a round trip through deploy/mosquitto/fleet.conf;
     anonymous clients are refused."""
-    if not MOSQUITTO.exists():
-        pytest.skip("mosquitto not installed")
+    require(MOSQUITTO, "mosquitto")
     pw = tmp_path / "fleet.passwd"
     await passwd(pw, "a1", "agent-secret")
     await passwd(pw, "operator", "operator-secret")

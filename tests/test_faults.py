@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from fleet_testing import (
     ControllerProcess,
     FaultProxy,
     Probe,
+    require,
     run_amqtt,
     run_traced_agent,
 )
@@ -55,12 +55,7 @@ def proxied(proxy: FaultProxy, tmp_path: Path) -> AgentRunner:
 @pytest.fixture
 def mosquitto_binary() -> None:
     """Skips without mosquitto on a developer's machine; fails in CI, where nothing may skip."""
-    if MOSQUITTO.exists():
-        return
-    message = f"{MOSQUITTO} not found: apt-get install mosquitto"
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(message + " (required in CI)")
-    pytest.skip(message)
+    require(MOSQUITTO, "mosquitto")
 
 
 class TestFaultProxy:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 from collections.abc import AsyncIterator, Sequence
@@ -185,3 +186,14 @@ async def mosquitto_pub(
     async with asyncio.timeout(DEFAULT_TIMEOUT):
         output, _ = await proc.communicate()
     assert proc.returncode == 0, output.decode(errors="replace")
+
+
+def require(binary: Path, package: str) -> str:
+    """The binary's path. A missing one skips the test on a developer's machine, with the
+    reason, and fails it in CI (CI=true), where nothing may be skipped."""
+    if binary.exists():
+        return str(binary)
+    message = f"{binary} not found: apt-get install {package}"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(message + " (required in CI)")
+    pytest.skip(message)

@@ -6,6 +6,7 @@ them, restart them on the same ports, and wait on what they log instead of sleep
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import os
@@ -32,7 +33,7 @@ PROCESS_START_TIMEOUT = 30.0
 _PORT_ATTEMPTS = 5
 
 
-class _LoggedProcess:
+class _LoggedProcess(abc.ABC):
     """A child process restartable under the same argv, its stdout and stderr kept line by
     line in :attr:`log` across restarts. Subclasses say what "ready" and "port taken" look
     like; ports picked here move only if taken before the very first start."""
@@ -49,12 +50,13 @@ class _LoggedProcess:
         self._pulse = Pulse()
         self._movable = False
 
+    @abc.abstractmethod
     def argv(self) -> list[str]:
-        raise NotImplementedError
+        """The command line that starts the process."""
 
+    @abc.abstractmethod
     def move(self) -> None:
         """Pick new free ports (only before the first successful start)."""
-        raise NotImplementedError
 
     @property
     def running(self) -> bool:
@@ -97,7 +99,8 @@ class _LoggedProcess:
         raise RuntimeError(f"no free port after {_PORT_ATTEMPTS} attempts:\n{self.tail()}")
 
     async def _ready(self) -> None:
-        """Extra readiness checks once the ready line is out."""
+        """Extra readiness checks once the ready line is out (none by default)."""
+        return None
 
     async def kill(self) -> int:
         """SIGKILL, as a power cut would; returns the exit status (-9)."""

@@ -9,7 +9,6 @@ import platform
 import shutil
 import signal
 import socket
-import sys
 import time
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -186,7 +185,3 @@ async def sleep(args: SleepArgs, ctx: Context) -> Outcome:
     """Sleep, then succeed: for demos and tests of timeouts and concurrency."""
     await asyncio.sleep(args.seconds)
     return Outcome(output={"slept": args.seconds})
-
-
-def platform_python() -> str:
-    return sys.version.split()[0]

@@ -281,11 +281,11 @@ def _load_object(payload: bytes, max_bytes: int, *, unicode: bool = True) -> dic
     if not isinstance(data, dict):
         raise PayloadError(f"payload must be a JSON object, not {type(data).__name__}")
     if unicode:
-        check_unicode(data)
+        check_sendable(data)
     return data
 
 
-def check_unicode(value: object) -> None:
+def check_sendable(value: object) -> None:
     """Refuse what cannot be sent on as strict JSON in UTF-8: JSON's lone ``\\ud800``
     escapes, and the NaN/Infinity numbers Python's parser accepts."""
     try:
@@ -332,7 +332,7 @@ def decode_command(payload: bytes, *, max_bytes: int) -> Command:
         else None
     )
     try:
-        check_unicode(data)
+        check_sendable(data)
     except PayloadError as exc:
         raise PayloadError(exc.reason, command_id=command_id, command=name) from exc
     try:

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -53,6 +55,22 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print the raw JSON ins
 def _fail(message: str, code: int = 2) -> typer.Exit:
     errors.print(f"[red]fleet:[/] {message}", highlight=False)
     return typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _api_errors() -> Iterator[None]:
+    """An API error ends the command with its message and exit code 2."""
+    try:
+        yield
+    except ApiError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _print(data: Any, as_json: bool, view: Callable[[Any], RenderableType]) -> None:
+    if as_json:
+        console.print_json(data=data)
+    else:
+        console.print(view(data))
 
 
 def _client(url: str | None) -> FleetClient:
@@ -214,12 +232,10 @@ def send(
     if ttl is not None:
         body["ttl"] = ttl
     client = _client(url)
-    try:
+    with _api_errors():
         detail = client.send(body)
         if wait:
             detail = _follow(client, detail, max_wait, quiet=as_json)
-    except ApiError as exc:
-        raise _fail(str(exc)) from None
     if as_json:
         console.print_json(data=detail)
     elif wait:
@@ -275,29 +291,19 @@ def cancel(
 ) -> None:
     """Cancel a command: queued copies are skipped, running ones killed."""
     client = _client(url)
-    try:
+    with _api_errors():
         detail = client.cancel(command_id)
         if wait:
             detail = _follow(client, detail, max_wait, quiet=as_json)
-    except ApiError as exc:
-        raise _fail(str(exc)) from None
-    if as_json:
-        console.print_json(data=detail)
-    else:
-        console.print(render.results_table(detail))
+    _print(detail, as_json, render.results_table)
 
 
 @app.command()
 def agents(url: UrlOption = None, as_json: JsonOption = False) -> None:
     """Every known agent: online or not, last seen, uptime, version, latency."""
-    try:
+    with _api_errors():
         data = _client(url).agents()
-    except ApiError as exc:
-        raise _fail(str(exc)) from None
-    if as_json:
-        console.print_json(data=data)
-    else:
-        console.print(render.agents_table(data))
+    _print(data, as_json, render.agents_table)
 
 
 @app.command()
@@ -309,14 +315,9 @@ def commands(
     as_json: JsonOption = False,
 ) -> None:
     """Recent commands, newest first."""
-    try:
+    with _api_errors():
         page = _client(url).commands(agent=agent, status=status, limit=limit)
-    except ApiError as exc:
-        raise _fail(str(exc)) from None
-    if as_json:
-        console.print_json(data=page)
-    else:
-        console.print(render.commands_table(page["items"]))
+    _print(page, as_json, lambda p: render.commands_table(p["items"]))
 
 
 @app.command()
@@ -326,14 +327,9 @@ def show(
     as_json: JsonOption = False,
 ) -> None:
     """One command with every agent's result."""
-    try:
+    with _api_errors():
         detail = _client(url).command(command_id)
-    except ApiError as exc:
-        raise _fail(str(exc)) from None
-    if as_json:
-        console.print_json(data=detail)
-    else:
-        console.print(render.command_detail(detail))
+    _print(detail, as_json, render.command_detail)
 
 
 @app.command()
@@ -362,10 +358,8 @@ def watch(
             render.commands_table(client.commands(limit=limit)["items"], title="recent commands"),
         )
 
-    try:
+    with _api_errors():
         first = view()
-    except ApiError as exc:
-        raise _fail(str(exc)) from None
     threading.Thread(target=listen, name="fleet-watch-events", daemon=True).start()
     try:
         with Live(first, console=console, auto_refresh=False, screen=False) as live:

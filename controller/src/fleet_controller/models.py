@@ -22,7 +22,7 @@ from fleet_agent.protocol import (
     CommandName,
     CommandStatus,
     check_agent_id,
-    check_unicode,
+    check_sendable,
 )
 
 MAX_TARGETS = 10_000
@@ -123,7 +123,7 @@ class CommandCreate(BaseModel):
     @classmethod
     def _sendable(cls, args: dict[str, JsonValue]) -> dict[str, JsonValue]:
         try:
-            check_unicode(args)
+            check_sendable(args)
         except PayloadError as exc:
             raise ValueError(exc.reason) from None
         return args
