@@ -67,7 +67,7 @@ def make_client(
         settings.broker_port,
         identifier=identifier,
         username=username,
-        password=settings.password.get_secret_value() if settings.password else None,
+        password=settings.mqtt_password(),
         clean_session=clean_session,
         keepalive=settings.keepalive,
         will=will,

@@ -33,6 +33,10 @@ class BrokerSettings(BaseModel):
     broker_port: int = Field(default=1883, ge=1, le=65535, description="MQTT broker port.")
     username: str | None = Field(default=None, description="MQTT username.")
     password: SecretStr | None = Field(default=None, description="MQTT password.")
+    password_file: Path | None = Field(
+        default=None,
+        description="File holding the MQTT password (first line); keeps it out of argv and env.",
+    )
     prefix: TopicPrefix = Field(default=DEFAULT_PREFIX, description="Topic prefix of the fleet.")
     keepalive: int = Field(default=30, ge=5, le=3600, description="MQTT keepalive, seconds.")
     reconnect_min: float = Field(default=0.5, gt=0, description="First reconnect delay, seconds.")
@@ -40,6 +44,20 @@ class BrokerSettings(BaseModel):
     max_payload_bytes: int = Field(
         default=256 * 1024, ge=1024, description="Larger payloads are rejected unread."
     )
+
+    def mqtt_password(self) -> str | None:
+        """The password from ``password`` or, failing that, the first line of ``password_file``."""
+        if self.password is not None:
+            return self.password.get_secret_value()
+        if self.password_file is None:
+            return None
+        try:
+            lines = self.password_file.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise ConfigError(f"cannot read password_file {self.password_file}: {exc}") from exc
+        if not lines or not lines[0].strip():
+            raise ConfigError(f"password_file {self.password_file} is empty")
+        return lines[0].strip()
 
 
 class AgentSettings(BrokerSettings):
