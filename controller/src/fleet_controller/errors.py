@@ -51,3 +51,18 @@ class InvalidCommand(FleetError):
 
     status_code = 422
     code = "invalid_request"
+
+
+class Unauthorized(FleetError):
+    """No API token, or one the controller does not accept."""
+
+    status_code = 401
+    code = "unauthorized"
+    headers = {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(FleetError):
+    """A valid API token without the scope the request needs."""
+
+    status_code = 403
+    code = "forbidden"

@@ -75,6 +75,99 @@ class Source(StrEnum):
     """Published by someone else straight to the broker (e.g. mosquitto_pub)."""
 
 
+class Scope(StrEnum):
+    """What a token may do. Each scope includes the ones below it: admin > operate > read."""
+
+    READ = "read"
+    """Every GET: commands, agents, events, stats."""
+    OPERATE = "operate"
+    """Send and cancel commands (and read)."""
+    ADMIN = "admin"
+    """Manage tokens and forget agents (and operate)."""
+
+    @property
+    def level(self) -> int:
+        return list(Scope).index(self)
+
+    def allows(self, needed: Scope) -> bool:
+        return self.level >= needed.level
+
+    @property
+    def implied(self) -> list[Scope]:
+        """This scope and every scope it includes."""
+        return [s for s in Scope if self.allows(s)]
+
+
+class CallerKind(StrEnum):
+    TOKEN = "token"
+    """An HTTP request with an API token."""
+    UNAUTHENTICATED = "unauthenticated"
+    """An HTTP request to a controller running with auth = none."""
+    MQTT = "mqtt"
+    """Published straight to the broker, not through the HTTP API."""
+    UNRECORDED = "unrecorded"
+    """Sent before this controller recorded who sent what."""
+
+
+class Caller(BaseModel):
+    """Who made a request: the audit trail of a dispatch or a cancel."""
+
+    kind: CallerKind
+    token_id: str | None = None
+    token_name: str | None = None
+    address: str | None = Field(default=None, description="The HTTP client's address.")
+    at: datetime | None = Field(default=None, description="When the request was made.")
+
+    def describe(self) -> str:
+        """One line for logs."""
+        who = (
+            f"token {self.token_id} ({self.token_name})"
+            if self.kind is CallerKind.TOKEN
+            else self.kind.value
+        )
+        return f"{who} from {self.address}" if self.address else who
+
+
+TokenName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")]
+
+
+class TokenCreate(BaseModel):
+    """A new API token."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"name": "deploy pipeline", "scope": "operate"}]},
+    )
+
+    name: TokenName = Field(description="Who or what uses it, for people and the audit trail.")
+    scope: Scope = Field(
+        default=Scope.READ,
+        description="read, operate (send and cancel) or admin (tokens, agents); each includes"
+        " the ones before it.",
+    )
+
+
+class TokenPublic(BaseModel):
+    """An API token without its secret."""
+
+    id: str
+    name: str
+    scope: Scope
+    scopes: list[Scope] = Field(description="The scope and every scope it includes.")
+    created_at: datetime
+    created_by: str
+    last_used_at: datetime | None = Field(
+        default=None, description="Last accepted request (updated at most once a minute)."
+    )
+    revoked_at: datetime | None = None
+
+
+class TokenCreated(TokenPublic):
+    token: str = Field(
+        description="The token, for `Authorization: Bearer <token>`. Shown only this once."
+    )
+
+
 class Aggregate(StrEnum):
     """A command's status across all its agents."""
 
@@ -176,6 +269,8 @@ class CommandDetail(CommandSummary):
     ttl: float
     agents: list[str] = Field(description="The agents expected to answer.")
     results: list[AgentResult]
+    sent_by: Caller = Field(description="Who sent the command.")
+    canceled_by: Caller | None = Field(default=None, description="Who canceled it, if anyone.")
 
 
 class CommandPage(BaseModel):

@@ -67,6 +67,21 @@ _MIGRATIONS: list[str] = [
         expires_at TEXT NOT NULL
     );
     """,
+    # 3: API tokens, and who sent or canceled each command
+    """
+    CREATE TABLE tokens (
+        id            TEXT PRIMARY KEY,   -- public; the token string carries it
+        name          TEXT NOT NULL,
+        scope         TEXT NOT NULL,      -- 'read', 'operate' or 'admin'
+        secret_sha256 TEXT NOT NULL,      -- hex digest; the secret itself is never stored
+        created_at    TEXT NOT NULL,
+        created_by    TEXT NOT NULL,
+        last_used_at  TEXT,
+        revoked_at    TEXT
+    );
+    ALTER TABLE commands ADD COLUMN sent_by TEXT;      -- JSON caller; NULL: before auditing
+    ALTER TABLE commands ADD COLUMN canceled_by TEXT;  -- JSON caller, with the time
+    """,
 ]
 
 SCHEMA_VERSION = len(_MIGRATIONS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -16,6 +17,12 @@ class ControllerSettings(BrokerSettings):
         default="fleet-controller",
         description="MQTT client id (and default username); its persistent session keeps"
         " results that arrive while the controller is down.",
+    )
+    auth: Literal["tokens", "none"] = Field(
+        default="tokens",
+        description="tokens: every /api/v1 request needs an API token (see `fleet token`);"
+        " none: no authentication at all, anyone who reaches the HTTP address commands"
+        " every agent (development only).",
     )
     db_path: Path = Field(default=Path("fleet.sqlite3"), description="SQLite database file.")
     http_host: str = Field(default="127.0.0.1", description="HTTP listen address.")
