@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -11,6 +12,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from fleet_agent.protocol import AgentId, AgentState, CommandStatus
+from fleet_controller.auth import AdminDep, OperateDep, require_read
 from fleet_controller.errors import NotFound
 from fleet_controller.models import (
     AgentPublic,
@@ -22,15 +24,9 @@ from fleet_controller.models import (
     Stats,
 )
 from fleet_controller.service import Dispatcher
-from fleet_controller.state import Services
+from fleet_controller.state import ServicesDep
 
-
-def get_services(request: Request) -> Services:
-    services: Services = request.state.services
-    return services
-
-
-ServicesDep = Annotated[Services, Depends(get_services)]
+audit = logging.getLogger("fleet_controller.audit")
 
 
 def get_dispatcher(services: ServicesDep) -> Dispatcher:
@@ -47,11 +43,14 @@ def wait_query(description: str) -> Any:
 
 
 _ERRORS: dict[int | str, dict[str, object]] = {
+    401: {"model": ErrorBody, "description": "No API token, or an invalid or revoked one."},
+    403: {"model": ErrorBody, "description": "The token lacks the scope this route needs."},
     404: {"model": ErrorBody, "description": "Unknown command or agent."},
     422: {"model": ErrorBody, "description": "Invalid request; `details` names each field."},
 }
 
-api = APIRouter(prefix="/api/v1", responses=_ERRORS)
+# Every route needs at least `read`; routes that change things ask for more themselves.
+api = APIRouter(prefix="/api/v1", responses=_ERRORS, dependencies=[Depends(require_read)])
 
 
 @api.post(
@@ -64,6 +63,7 @@ api = APIRouter(prefix="/api/v1", responses=_ERRORS)
 async def create_command(
     body: CommandCreate,
     dispatcher: DispatcherDep,
+    caller: OperateDep,
     wait: Annotated[
         float | None,
         wait_query(
@@ -72,7 +72,7 @@ async def create_command(
         ),
     ] = None,
 ) -> CommandDetail:
-    detail = await dispatcher.dispatch(body)
+    detail = await dispatcher.dispatch(body, caller)
     if wait:
         detail = await dispatcher.wait(detail.id, min(wait, dispatcher.settings.max_wait))
     return detail
@@ -114,12 +114,13 @@ async def get_command(
 async def cancel_command(
     command_id: str,
     dispatcher: DispatcherDep,
+    caller: OperateDep,
     wait: Annotated[
         float | None,
         wait_query("Answer when every agent has reached a terminal status, or after this long."),
     ] = None,
 ) -> CommandDetail:
-    detail = await dispatcher.cancel(command_id)
+    detail = await dispatcher.cancel(command_id, caller)
     if wait:
         detail = await dispatcher.wait(command_id, min(wait, dispatcher.settings.max_wait))
     return detail
@@ -193,9 +194,10 @@ async def get_agent(
     status_code=status.HTTP_204_NO_CONTENT,
     summary="Forget an agent (it reappears if it connects again)",
 )
-async def delete_agent(agent_id: AgentIdPath, services: ServicesDep) -> Response:
+async def delete_agent(agent_id: AgentIdPath, services: ServicesDep, caller: AdminDep) -> Response:
     if not await services.store.delete_agent(agent_id):
         raise NotFound(f"no agent with id {agent_id!r}")
+    audit.info("audit: agent %s forgotten by %s", agent_id, caller.describe())
     await services.link.clear_retained(services.link.topics.status(agent_id))
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 

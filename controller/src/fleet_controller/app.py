@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fleet_agent.errors import FleetError
 from fleet_controller.api import api, health
+from fleet_controller.api_tokens import token_api
 from fleet_controller.hub import Hub
 from fleet_controller.link import Link
 from fleet_controller.models import ErrorBody, ErrorDetail
@@ -24,6 +25,7 @@ from fleet_controller.service import Dispatcher, sweep_forever
 from fleet_controller.settings import ControllerSettings
 from fleet_controller.state import Services
 from fleet_controller.store import SQLiteStore
+from fleet_controller.tokens import TokenStore
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,9 @@ def create_app(settings: ControllerSettings) -> FastAPI:
             link = Link(settings, store)
             dispatcher = Dispatcher(settings, store, link, hub)
             link.on_birth = dispatcher.on_birth
-            services = Services(settings, store, link, hub, dispatcher)
+            tokens = TokenStore(store.db)
+            _warn_about_auth(settings, tokens)
+            services = Services(settings, store, link, hub, dispatcher, tokens)
             async with asyncio.TaskGroup() as tg:
                 tasks = [
                     tg.create_task(link.run(), name="fleet-controller-mqtt"),
@@ -56,10 +60,29 @@ def create_app(settings: ControllerSettings) -> FastAPI:
         lifespan=lifespan,
     )
     app.include_router(api)
+    app.include_router(
+        token_api, prefix=api.prefix, dependencies=api.dependencies, responses=api.responses
+    )
     app.include_router(health)
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     return app
+
+
+def _warn_about_auth(settings: ControllerSettings, tokens: TokenStore) -> None:
+    if settings.auth == "none":
+        log.warning(
+            "AUTHENTICATION IS OFF (auth = none): anyone who can reach http://%s:%d can"
+            " command every agent. Use auth = tokens outside a development machine.",
+            settings.http_host,
+            settings.http_port,
+        )
+    elif tokens.active_count() == 0:
+        log.warning(
+            "no API tokens yet: every /api/v1 request gets 401. Create the first with"
+            " `fleet token create --scope admin --db %s`",
+            settings.db_path,
+        )
 
 
 class BodyLimit:
@@ -113,4 +136,6 @@ def install_error_handlers(app: FastAPI) -> None:
     async def fleet_error(request: Request, exc: FleetError) -> JSONResponse:
         status_code = getattr(exc, "status_code", 400)
         code = getattr(exc, "code", "bad_request")
-        return _error(status_code, ErrorBody(error=code, message=str(exc)))
+        response = _error(status_code, ErrorBody(error=code, message=str(exc)))
+        response.headers.update(getattr(exc, "headers", {}))
+        return response

@@ -20,7 +20,7 @@ from fleet_agent.protocol import (
     utcnow,
 )
 from fleet_controller.errors import BrokerUnavailable, InvalidCommand, NotFound, UnknownAgents
-from fleet_controller.models import AgentPublic, CommandCreate, CommandDetail, Source
+from fleet_controller.models import AgentPublic, Caller, CommandCreate, CommandDetail, Source
 from fleet_controller.store import NewCommand, agent_key
 
 if TYPE_CHECKING:
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from fleet_controller.store import Store
 
 log = logging.getLogger(__name__)
+audit = logging.getLogger("fleet_controller.audit")
 
 
 @dataclass
@@ -44,7 +45,7 @@ class Dispatcher:
     def topics(self) -> Topics:
         return self.link.topics
 
-    async def dispatch(self, request: CommandCreate) -> CommandDetail:
+    async def dispatch(self, request: CommandCreate, caller: Caller) -> CommandDetail:
         """Record the command with the agents expected to answer, then publish it."""
         if not self.link.connected.is_set():
             raise BrokerUnavailable(
@@ -67,6 +68,7 @@ class Dispatcher:
             timeout=request.timeout,
             ttl=request.ttl or self.settings.default_ttl,
             created_at=utcnow(),
+            sent_by=caller,
         )
         wire = Command(
             id=record.id,
@@ -82,6 +84,13 @@ class Dispatcher:
                 f" {self.settings.max_payload_bytes} (max_payload_bytes)"
             )
         await self.store.create_command(record, agents)
+        audit.info(
+            "audit: command %s (%s) to %s sent by %s",
+            record.id,
+            record.command,
+            "all" if request.is_broadcast else ",".join(agents),
+            caller.describe(),
+        )
         try:
             if request.is_broadcast:
                 await self.link.publish(self.topics.broadcast_cmd, wire)
@@ -134,14 +143,20 @@ class Dispatcher:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def cancel(self, command_id: str) -> CommandDetail:
+    async def cancel(self, command_id: str, caller: Caller) -> CommandDetail:
         """Tell every agent that has not finished the command to cancel it."""
         if not self.link.connected.is_set():
             raise BrokerUnavailable("the controller is not connected to the MQTT broker")
         cancel_id = new_command_id()
-        agents = await self.store.cancel(command_id, f"canceled by {cancel_id}")
+        agents = await self.store.cancel(command_id, f"canceled by {cancel_id}", caller)
         if agents is None:
             raise NotFound(f"no command with id {command_id!r}")
+        audit.info(
+            "audit: command %s canceled (on %d agent(s)) by %s",
+            command_id,
+            len(agents),
+            caller.describe(),
+        )
         if agents:
             record = NewCommand(
                 id=cancel_id,
@@ -152,6 +167,7 @@ class Dispatcher:
                 timeout=None,
                 ttl=self.settings.default_ttl,
                 created_at=utcnow(),
+                sent_by=caller,
             )
             await self.store.create_command(record, agents)
             wire = Command(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
+
+from fastapi import Depends, Request
 
 if TYPE_CHECKING:
     from fleet_controller.hub import Hub
@@ -11,6 +13,7 @@ if TYPE_CHECKING:
     from fleet_controller.service import Dispatcher
     from fleet_controller.settings import ControllerSettings
     from fleet_controller.store import Store
+    from fleet_controller.tokens import TokenStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,3 +23,12 @@ class Services:
     link: Link
     hub: Hub
     dispatcher: Dispatcher
+    tokens: TokenStore
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]

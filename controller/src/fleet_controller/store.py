@@ -35,6 +35,8 @@ from fleet_controller.models import (
     AgentPublic,
     AgentResult,
     Aggregate,
+    Caller,
+    CallerKind,
     CommandDetail,
     CommandPage,
     CommandSummary,
@@ -77,6 +79,7 @@ class NewCommand:
     timeout: float | None
     ttl: float
     created_at: datetime
+    sent_by: Caller | None = None
 
     @property
     def expires_at(self) -> datetime:
@@ -108,7 +111,9 @@ class Store(Protocol):
     async def undelivered(self, agent_id: str | None = None) -> list[Redelivery]: ...
     async def due_redeliveries(self, *, interval: float) -> list[Redelivery]: ...
     async def mark_sent(self, command_id: str, agents: Iterable[str]) -> None: ...
-    async def cancel(self, command_id: str, reason: str) -> list[str] | None: ...
+    async def cancel(
+        self, command_id: str, reason: str, by: Caller | None = None
+    ) -> list[str] | None: ...
     @property
     def dropped_results(self) -> int: ...
     async def get_command(self, command_id: str) -> CommandDetail | None: ...
@@ -472,10 +477,11 @@ class SQLiteStore:
         try:
             db.execute(
                 "INSERT INTO commands (id, command, args, target, source, timeout, ttl,"
-                " created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " created_at, expires_at, sent_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     c.id, c.command, json.dumps(c.args), json.dumps(c.target), c.source.value,
                     c.timeout, c.ttl, _iso(c.created_at), _iso(c.expires_at),
+                    _caller_json(c.sent_by),
                 ),
             )  # fmt: skip
             self._insert_pending(c.id, agents, c.created_at, published=False)
@@ -591,13 +597,15 @@ class SQLiteStore:
         )
         self.db.execute("COMMIT")
 
-    async def cancel(self, command_id: str, reason: str) -> list[str] | None:
+    async def cancel(
+        self, command_id: str, reason: str, by: Caller | None = None
+    ) -> list[str] | None:
         """Agents whose delivery is not terminal yet (None: no such command). Those that
         never acknowledged it are marked canceled now, provisionally: if an agent runs it
-        anyway, its own result replaces this one."""
-        return await self._call(self._cancel, command_id, reason)
+        anyway, its own result replaces this one. ``by`` is recorded as who canceled it."""
+        return await self._call(self._cancel, command_id, reason, by)
 
-    def _cancel(self, command_id: str, reason: str) -> list[str] | None:
+    def _cancel(self, command_id: str, reason: str, by: Caller | None) -> list[str] | None:
         db = self.db
         if not db.execute("SELECT 1 FROM commands WHERE id = ?", (command_id,)).fetchone():
             return None
@@ -616,6 +624,10 @@ class SQLiteStore:
             " finished_at = ?, updated_at = ? WHERE command_id = ? AND rank = 0",
             (reason, now, now, command_id),
         )
+        if by is not None:
+            db.execute(
+                "UPDATE commands SET canceled_by = ? WHERE id = ?", (_caller_json(by), command_id)
+            )
         db.execute("COMMIT")
         return open_agents
 
@@ -674,6 +686,8 @@ class SQLiteStore:
             ttl=row[7],
             agents=[r.agent for r in results],
             results=results,
+            sent_by=_sent_by(row),
+            canceled_by=Caller.model_validate_json(row[11]) if row[11] else None,
         )
 
     async def list_commands(
@@ -772,9 +786,21 @@ class SQLiteStore:
 
 
 _COMMAND_COLUMNS = (
-    "SELECT seq, id, command, args, target, source, timeout, ttl, created_at, expires_at"
-    " FROM commands"
+    "SELECT seq, id, command, args, target, source, timeout, ttl, created_at, expires_at,"
+    " sent_by, canceled_by FROM commands"
 )
+
+
+def _caller_json(caller: Caller | None) -> str | None:
+    return caller.model_dump_json(exclude_none=True) if caller is not None else None
+
+
+def _sent_by(row: tuple[Any, ...]) -> Caller:
+    if row[10]:
+        return Caller.model_validate_json(row[10])
+    if row[5] == Source.MQTT.value:
+        return Caller(kind=CallerKind.MQTT)
+    return Caller(kind=CallerKind.UNRECORDED)
 
 
 def _redelivery(row: tuple[Any, ...]) -> Redelivery:
