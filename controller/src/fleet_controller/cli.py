@@ -3,27 +3,36 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console, RenderableType
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fleet_agent.cli import main as agent_main
 from fleet_agent.errors import FleetError
 from fleet_controller import render
+from fleet_controller.cli_support import (
+    JsonOption,
+    TokenOption,
+    UrlOption,
+    api_errors,
+    console,
+    errors,
+    fail,
+    make_client,
+    print_data,
+)
+from fleet_controller.cli_tokens import token_app
 from fleet_controller.client import ApiError, FleetClient
-from fleet_controller.serve import default_state_dir, read_state
+from fleet_controller.serve import default_state_dir
 
 app = typer.Typer(
     name="fleet",
@@ -32,49 +41,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-console = Console()
-errors = Console(stderr=True)
+app.add_typer(token_app)
 
-DEFAULT_URL = "http://127.0.0.1:8000"
 OPEN_STATUSES = ("pending", "received", "running")
 PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
-
-UrlOption = Annotated[
-    str | None,
-    typer.Option(
-        "--url",
-        envvar="FLEET_URL",
-        help="Controller URL. Default: the one `fleet up` left in its state dir, else "
-        + DEFAULT_URL,
-        show_default=False,
-    ),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print the raw JSON instead.")]
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    errors.print(f"[red]fleet:[/] {message}", highlight=False)
-    return typer.Exit(code)
-
-
-@contextlib.contextmanager
-def _api_errors() -> Iterator[None]:
-    """An API error ends the command with its message and exit code 2."""
-    try:
-        yield
-    except ApiError as exc:
-        raise _fail(str(exc)) from None
-
-
-def _print(data: Any, as_json: bool, view: Callable[[Any], RenderableType]) -> None:
-    if as_json:
-        console.print_json(data=data)
-    else:
-        console.print(view(data))
-
-
-def _client(url: str | None) -> FleetClient:
-    return FleetClient(url or read_state().get("url") or DEFAULT_URL)
 
 
 def _configure_logging(level: str = "INFO") -> None:
@@ -119,7 +89,7 @@ def up(
     try:
         asyncio.run(run_up(options, console))
     except FleetError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
 
 
 def _broker_config(path: Path) -> Path | None:
@@ -152,7 +122,7 @@ def broker(
     try:
         asyncio.run(run())
     except FleetError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
 
 
 @app.command(context_settings=PASSTHROUGH, add_help_option=False)
@@ -185,7 +155,7 @@ def _parse_args(command: str, args: list[str], extra: list[str]) -> dict[str, An
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise _fail(f"argument {pair!r} is not key=value")
+            raise fail(f"argument {pair!r} is not key=value")
         try:
             parsed[key] = json.loads(value)
         except ValueError:
@@ -214,6 +184,7 @@ def send(
     ttl: Annotated[float | None, typer.Option(help="Seconds agents have to pick it up.")] = None,
     allow_unknown: Annotated[bool, typer.Option(help="Allow agent ids never seen.")] = False,
     url: UrlOption = None,
+    token: TokenOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Send a command. With --wait: live progress, a results table, and exit code 1 when
@@ -231,8 +202,8 @@ def send(
         body["timeout"] = timeout
     if ttl is not None:
         body["ttl"] = ttl
-    client = _client(url)
-    with _api_errors():
+    client = make_client(url, token)
+    with api_errors():
         detail = client.send(body)
         if wait:
             detail = _follow(client, detail, max_wait, quiet=as_json)
@@ -287,23 +258,24 @@ def cancel(
         float, typer.Option(min=0.1, help="With --wait: at most this long.")
     ] = 30.0,
     url: UrlOption = None,
+    token: TokenOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Cancel a command: queued copies are skipped, running ones killed."""
-    client = _client(url)
-    with _api_errors():
+    client = make_client(url, token)
+    with api_errors():
         detail = client.cancel(command_id)
         if wait:
             detail = _follow(client, detail, max_wait, quiet=as_json)
-    _print(detail, as_json, render.results_table)
+    print_data(detail, as_json, render.results_table)
 
 
 @app.command()
-def agents(url: UrlOption = None, as_json: JsonOption = False) -> None:
+def agents(url: UrlOption = None, token: TokenOption = None, as_json: JsonOption = False) -> None:
     """Every known agent: online or not, last seen, uptime, version, latency."""
-    with _api_errors():
-        data = _client(url).agents()
-    _print(data, as_json, render.agents_table)
+    with api_errors():
+        data = make_client(url, token).agents()
+    print_data(data, as_json, render.agents_table)
 
 
 @app.command()
@@ -312,33 +284,36 @@ def commands(
     status: Annotated[str | None, typer.Option(help="Only where some agent has it.")] = None,
     limit: Annotated[int, typer.Option(min=1, max=500)] = 20,
     url: UrlOption = None,
+    token: TokenOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Recent commands, newest first."""
-    with _api_errors():
-        page = _client(url).commands(agent=agent, status=status, limit=limit)
-    _print(page, as_json, lambda p: render.commands_table(p["items"]))
+    with api_errors():
+        page = make_client(url, token).commands(agent=agent, status=status, limit=limit)
+    print_data(page, as_json, lambda p: render.commands_table(p["items"]))
 
 
 @app.command()
 def show(
     command_id: Annotated[str, typer.Argument(help="The command's id.")],
     url: UrlOption = None,
+    token: TokenOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """One command with every agent's result."""
-    with _api_errors():
-        detail = _client(url).command(command_id)
-    _print(detail, as_json, render.command_detail)
+    with api_errors():
+        detail = make_client(url, token).command(command_id)
+    print_data(detail, as_json, render.command_detail)
 
 
 @app.command()
 def watch(
     url: UrlOption = None,
+    token: TokenOption = None,
     limit: Annotated[int, typer.Option(min=1, max=100, help="Recent commands shown.")] = 10,
 ) -> None:
     """A live view of agents and recent commands, redrawn as events arrive. Ctrl-C quits."""
-    client = _client(url)
+    client = make_client(url, token)
     changed = threading.Event()
     failure: list[str] = []
 
@@ -358,7 +333,7 @@ def watch(
             render.commands_table(client.commands(limit=limit)["items"], title="recent commands"),
         )
 
-    with _api_errors():
+    with api_errors():
         first = view()
     threading.Thread(target=listen, name="fleet-watch-events", daemon=True).start()
     try:
@@ -372,8 +347,8 @@ def watch(
     except KeyboardInterrupt:
         return
     except ApiError as exc:
-        raise _fail(str(exc)) from None
-    raise _fail(failure[0])
+        raise fail(str(exc)) from None
+    raise fail(failure[0])
 
 
 def main() -> None:

@@ -20,9 +20,13 @@ class ApiError(FleetError):
 
 
 class FleetClient:
-    def __init__(self, url: str, *, timeout: float = 30.0) -> None:
+    """``token`` (an API token) goes out as ``Authorization: Bearer``; None sends none."""
+
+    def __init__(self, url: str, *, token: str | None = None, timeout: float = 30.0) -> None:
         self.url = url.rstrip("/")
-        self._http = httpx.Client(base_url=self.url, timeout=timeout)
+        self.token = token
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=self.url, timeout=timeout, headers=headers)
 
     def close(self) -> None:
         self._http.close()
@@ -42,8 +46,17 @@ class FleetClient:
                 message = r.json().get("message") or r.text
             except ValueError:
                 message = r.text
-            raise ApiError(f"{r.status_code}: {message}", status_code=r.status_code)
+            raise ApiError(self._explain(r.status_code, message), status_code=r.status_code)
         return r.json() if r.content else None
+
+    def _explain(self, status_code: int, message: str) -> str:
+        if status_code == 401 and not self.token:
+            return "no API token: pass --token or set FLEET_TOKEN"
+        if status_code == 401:
+            return f"the API token was refused ({message}); pass another with --token"
+        if status_code == 403:
+            return message
+        return f"{status_code}: {message}"
 
     def send(self, body: dict[str, Any], *, wait: float | None = None) -> dict[str, Any]:
         params = {"wait": wait} if wait else {}
@@ -97,10 +110,27 @@ class FleetClient:
         result: list[dict[str, Any]] = self._request("GET", "/api/v1/agents")
         return result
 
+    def create_token(self, name: str, scope: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._request(
+            "POST", "/api/v1/tokens", json={"name": name, "scope": scope}
+        )
+        return result
+
+    def tokens(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._request("GET", "/api/v1/tokens")
+        return result
+
+    def revoke_token(self, token_id: str) -> None:
+        self._request("DELETE", f"/api/v1/tokens/{token_id}")
+
     def events(self) -> Iterator[str]:
         """Server-sent event names, as they arrive (blocks between events)."""
         try:
             with self._http.stream("GET", "/api/v1/events", timeout=None) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    message = r.json().get("message", r.text) if r.content else ""
+                    raise ApiError(self._explain(r.status_code, message), status_code=r.status_code)
                 for line in r.iter_lines():
                     if line.startswith("event: "):
                         yield line[len("event: ") :]

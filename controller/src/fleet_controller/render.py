@@ -139,6 +139,39 @@ def results_table(detail: dict[str, Any]) -> Table:
     return table
 
 
+def tokens_table(tokens: list[dict[str, Any]]) -> Table:
+    table = Table(title=f"API tokens ({sum(not t.get('revoked_at') for t in tokens)} active)")
+    for col in ("id", "name", "scope", "created", "created by", "last used", "revoked"):
+        table.add_column(col, overflow="fold")
+    for t in tokens:
+        revoked = t.get("revoked_at")
+        table.add_row(
+            t["id"],
+            t["name"],
+            t["scope"],
+            ago(t["created_at"]),
+            t["created_by"],
+            ago(t.get("last_used_at")),
+            Text(ago(revoked), style="red") if revoked else "-",
+        )
+    return table
+
+
+def caller(who: dict[str, Any] | None) -> str:
+    """A command's sent_by or canceled_by, in one line."""
+    if not who:
+        return "-"
+    if who["kind"] == "token":
+        text = f"token {who.get('token_name')} ({who.get('token_id')})"
+    else:
+        text = who["kind"]
+    if who.get("address"):
+        text += f" from {who['address']}"
+    if who.get("at"):
+        text += f" at {who['at']}"
+    return text
+
+
 def command_detail(detail: dict[str, Any]) -> Group:
     target = detail["target"] if isinstance(detail["target"], str) else ",".join(detail["target"])
     head = Text.assemble(
@@ -155,5 +188,12 @@ def command_detail(detail: dict[str, Any]) -> Group:
         status_text(detail["status"]),
         "  ",
         _counts(detail["counts"]),
+        "\n",
+        ("sent by ", "bold"),
+        caller(detail.get("sent_by")),
     )
+    if detail.get("canceled_by"):
+        head.append_text(
+            Text.assemble("\n", ("canceled by ", "bold"), caller(detail["canceled_by"]))
+        )
     return Group(head, results_table(detail))
