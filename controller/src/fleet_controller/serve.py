@@ -40,9 +40,13 @@ def read_state(state_dir: Path | None = None) -> dict[str, Any]:
 
 
 def write_state(state_dir: Path, data: dict[str, Any]) -> Path:
+    """Written owner-only (0600) from the first byte: it holds an admin API token."""
     path = state_dir / STATE_FILE
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(data, indent=2) + "\n")
     tmp.replace(path)
     return path
 

@@ -17,8 +17,17 @@ from fleet_agent.agent import Agent
 from fleet_agent.settings import AgentSettings
 from fleet_controller.app import create_app
 from fleet_controller.broker import EmbeddedBroker, load_broker_config
-from fleet_controller.serve import STATE_FILE, bind_tcp, http_server, stop_on_signals, write_state
+from fleet_controller.models import Scope
+from fleet_controller.serve import (
+    STATE_FILE,
+    bind_tcp,
+    http_server,
+    read_state,
+    stop_on_signals,
+    write_state,
+)
 from fleet_controller.settings import ControllerSettings
+from fleet_controller.tokens import valid_or_new_token
 
 OPERATOR = "operator"
 # What `run` may start on the demo agents: harmless, read-only programs.
@@ -43,12 +52,14 @@ def _cli() -> str:
     return "uv run fleet" if "UV" in os.environ else "fleet"
 
 
-def examples(url: str, mqtt_host: str, mqtt_port: int, agent: str | None) -> list[str]:
+def examples(
+    url: str, mqtt_host: str, mqtt_port: int, agent: str | None, token: str = "TOKEN"
+) -> list[str]:
     target = agent or "a1"
     body = '{"target":"all","command":"ping"}'
     return [
         f"curl -s -X POST '{url}/api/v1/commands?wait=5' -H 'content-type: application/json'"
-        f" -d '{body}'",
+        f" -H 'authorization: Bearer {token}' -d '{body}'",
         f"{_cli()} send all ping --wait",
         f"{_cli()} send {target} run -- uname -a",
         f"mosquitto_pub -h {mqtt_host} -p {mqtt_port} -u {OPERATOR} -q 1"
@@ -71,6 +82,13 @@ async def run_up(options: UpOptions, console: Console) -> None:
     http_port = http_sock.getsockname()[1]
     url_host = "127.0.0.1" if options.http_host in ("0.0.0.0", "::") else options.http_host
     url = f"http://{url_host}:{http_port}"
+    # An admin token for the local user: the one a previous run left, while it still works.
+    token = valid_or_new_token(
+        state_dir / "fleet.sqlite3",
+        read_state(state_dir).get("token"),
+        name="fleet up",
+        scope=Scope.ADMIN,
+    )
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(http_sock.close)
         await stack.enter_async_context(EmbeddedBroker(config, port_flag="--mqtt-port"))
@@ -99,7 +117,8 @@ async def run_up(options: UpOptions, console: Console) -> None:
                 run_allow=DEMO_RUN_ALLOW,
             )
             await stack.enter_async_context(Agent(agent_settings))
-        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+        auth = {"authorization": f"Bearer {token}"}
+        async with httpx.AsyncClient(base_url=url, timeout=60, headers=auth) as http:
             ready = await http.get("/readyz", params={"wait": 30})
             ready.raise_for_status()
             for agent_id in ids:
@@ -115,10 +134,11 @@ async def run_up(options: UpOptions, console: Console) -> None:
                 "mqtt_username": OPERATOR,
                 "pid": os.getpid(),
                 "agents": ids,
+                "token": token,
             },
         )
         stack.callback(lambda: state_path.unlink(missing_ok=True))
-        _banner(console, url, client_host, mqtt_port, ids, elapsed, state_dir)
+        _banner(console, url, client_host, mqtt_port, ids, elapsed, state_dir, token)
         await stop.wait()
         console.print("\n[bold]stopping[/]: agents, controller, broker ...")
     console.print("[green]stopped cleanly[/]")
@@ -132,6 +152,7 @@ def _banner(
     ids: list[str],
     elapsed: float,
     state_dir: Path,
+    token: str,
 ) -> None:
     console.print(f"[bold green]fleet is up[/] in {elapsed:.2f}s")
     console.print(f"  API        {url}/api/v1   (docs: {url}/docs)")
@@ -140,7 +161,12 @@ def _banner(
     )
     console.print(f"  agents     {', '.join(ids) if ids else 'none (use --agents N)'}")
     console.print(f"  state      {state_dir} ({STATE_FILE} lets other fleet commands find this)")
+    console.print(
+        f"  token      {token}  (admin; `fleet` commands here use it by default)",
+        highlight=False,
+        soft_wrap=True,
+    )
     console.print("\n[bold]try[/]:")
-    for line in examples(url, mqtt_host, mqtt_port, ids[0] if ids else None):
+    for line in examples(url, mqtt_host, mqtt_port, ids[0] if ids else None, token):
         console.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
     console.print("\nCtrl-C stops everything.")
