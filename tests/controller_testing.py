@@ -17,7 +17,7 @@ import uvicorn
 from fleet_controller.app import create_app
 from fleet_controller.settings import ControllerSettings
 
-from fleet_testing import DEFAULT_TIMEOUT, BrokerEndpoint
+from fleet_testing import DEFAULT_TIMEOUT, BrokerEndpoint, admin_token, bearer
 
 
 def listening_socket(host: str = "127.0.0.1") -> socket.socket:
@@ -42,12 +42,15 @@ def controller_settings(
 
 
 class Controller:
-    """A running controller and an HTTP client for it."""
+    """A running controller and an HTTP client for it (sending :attr:`token`, if any)."""
 
-    def __init__(self, settings: ControllerSettings, http: httpx.AsyncClient, url: str) -> None:
+    def __init__(
+        self, settings: ControllerSettings, http: httpx.AsyncClient, url: str, token: str | None
+    ) -> None:
         self.settings = settings
         self.http = http
         self.url = url
+        self.token = token
 
     async def send(self, **body: Any) -> httpx.Response:
         params = {}
@@ -80,8 +83,12 @@ class Controller:
 
 
 @contextlib.asynccontextmanager
-async def run_controller(settings: ControllerSettings) -> AsyncIterator[Controller]:
-    """Serve the controller until the block ends; yielded once its broker link is up."""
+async def run_controller(
+    settings: ControllerSettings, *, token: bool = True
+) -> AsyncIterator[Controller]:
+    """Serve the controller until the block ends; yielded once its broker link is up. With
+    ``token`` (the default) an admin token is created first and the client sends it."""
+    secret = admin_token(settings.db_path) if token else None
     sock = listening_socket(settings.http_host)
     port = sock.getsockname()[1]
     server = uvicorn.Server(
@@ -90,10 +97,12 @@ async def run_controller(settings: ControllerSettings) -> AsyncIterator[Controll
     task = asyncio.create_task(server.serve(sockets=[sock]), name="test-controller")
     url = f"http://{settings.http_host}:{port}"
     try:
-        async with httpx.AsyncClient(base_url=url, timeout=DEFAULT_TIMEOUT + 20) as http:
+        async with httpx.AsyncClient(
+            base_url=url, timeout=DEFAULT_TIMEOUT + 20, headers=bearer(secret)
+        ) as http:
             r = await http.get("/readyz", params={"wait": DEFAULT_TIMEOUT})
             assert r.status_code == 200, r.text
-            yield Controller(settings, http, url)
+            yield Controller(settings, http, url, secret)
     finally:
         server.should_exit = True
         await task

@@ -10,7 +10,8 @@
   connections; :func:`run_traced_agent` exposes an agent's ``online`` event as a
   :class:`TracedEvent`, whose clears can be awaited too;
 - :class:`BrokerProcess` and :class:`ControllerProcess` run the broker and the controller as
-  processes that can be SIGKILLed and restarted on the same ports.
+  processes that can be SIGKILLed and restarted on the same ports; :func:`admin_token` writes
+  an admin API token into a controller database and :func:`bearer` makes its header.
 """
 
 from fleet_testing.agents import AgentProcess, AgentRunner, is_gone, wait_process_exit
@@ -30,7 +31,13 @@ from fleet_testing.brokers import (
 )
 from fleet_testing.faults import FaultProxy, TracedEvent, run_traced_agent
 from fleet_testing.probe import Probe, Seen, with_id
-from fleet_testing.processes import PROCESS_START_TIMEOUT, BrokerProcess, ControllerProcess
+from fleet_testing.processes import (
+    PROCESS_START_TIMEOUT,
+    BrokerProcess,
+    ControllerProcess,
+    admin_token,
+    bearer,
+)
 
 __all__ = [
     "BROKER_KINDS",
@@ -47,6 +54,8 @@ __all__ = [
     "Probe",
     "Seen",
     "TracedEvent",
+    "admin_token",
+    "bearer",
     "free_port",
     "is_gone",
     "mosquitto_pub",

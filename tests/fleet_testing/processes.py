@@ -18,6 +18,9 @@ from typing import Self
 
 import httpx
 
+from fleet_controller.models import Scope
+from fleet_controller.tokens import create_token_offline
+
 from fleet_testing.brokers import (
     BROKER_YAML,
     DEFAULT_TIMEOUT,
@@ -31,6 +34,16 @@ from fleet_testing.faults import Pulse
 PROCESS_START_TIMEOUT = 30.0
 """How long a fresh interpreter may take to import everything and listen, on a busy machine."""
 _PORT_ATTEMPTS = 5
+
+
+def admin_token(db_path: Path, name: str = "test admin") -> str:
+    """An admin API token written straight into the controller database at ``db_path``."""
+    return create_token_offline(db_path, name=name, scope=Scope.ADMIN, created_by="tests").token
+
+
+def bearer(token: str | None) -> dict[str, str]:
+    """The Authorization header for ``token`` (none for None)."""
+    return {"authorization": f"Bearer {token}"} if token else {}
 
 
 class _LoggedProcess(abc.ABC):
@@ -255,7 +268,9 @@ class BrokerProcess(_LoggedProcess):
 class ControllerProcess(_LoggedProcess):
     """``python -m fleet_controller controller`` on a free HTTP port with a brisk sweeper,
     ready once ``/readyz`` says so; restarts keep the ports and the database. ``args`` are
-    extra settings flags, e.g. ``["--default-ttl", "5"]``; :attr:`http` is a client for it."""
+    extra settings flags, e.g. ``["--default-ttl", "5"]``; :attr:`http` is a client for it,
+    sending :attr:`token`, an admin API token written to the database before the first start
+    (None with ``token=False``)."""
 
     ready_text = "controller on http://"
 
@@ -267,13 +282,17 @@ class ControllerProcess(_LoggedProcess):
         db_path: Path | None = None,
         http_port: int | None = None,
         args: Sequence[str] = (),
+        token: bool = True,
     ) -> None:
         super().__init__()
         self.broker = broker
         self.db_path = db_path or workdir / "controller.sqlite3"
         self.http_port = http_port or free_port()
         self.args = list(args)
-        self.http = httpx.AsyncClient(base_url=self.url, timeout=DEFAULT_TIMEOUT + 20)
+        self.token = admin_token(self.db_path) if token else None
+        self.http = httpx.AsyncClient(
+            base_url=self.url, timeout=DEFAULT_TIMEOUT + 20, headers=bearer(self.token)
+        )
         self._movable = http_port is None
 
     @property
