@@ -27,6 +27,8 @@ import aiomqtt
 import httpx
 
 from fleet_agent.mqtt import NODELAY
+from fleet_controller.models import Scope
+from fleet_controller.tokens import create_token_offline
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENTS_SCRIPT = """
@@ -147,6 +149,8 @@ async def run(kind: str, samples: int, agents: int) -> None:
         workdir = Path(tmp)
         mqtt, http_port = free_port(), free_port()
         env_db = str(workdir / "fleet.sqlite3")
+        token = create_token_offline(Path(env_db), name="bench", scope=Scope.ADMIN).token
+        auth = {"authorization": f"Bearer {token}"}
         async with broker(kind, mqtt, workdir), process(
             sys.executable, "-m", "fleet_controller", "controller",
             "--broker-port", str(mqtt), "--http-port", str(http_port), "--db-path", env_db,
@@ -156,7 +160,7 @@ async def run(kind: str, samples: int, agents: int) -> None:
             ready="ready",
         ):  # fmt: skip
             async with httpx.AsyncClient(
-                base_url=f"http://127.0.0.1:{http_port}", timeout=60
+                base_url=f"http://127.0.0.1:{http_port}", timeout=60, headers=auth
             ) as http:
                 (await http.get("/readyz", params={"wait": 30})).raise_for_status()
                 for i in range(agents):

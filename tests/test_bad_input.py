@@ -37,6 +37,8 @@ from fleet_testing import (
     BrokerEndpoint,
     Probe,
     Seen,
+    admin_token,
+    bearer,
     require,
     run_broker,
     stop_process,
@@ -511,14 +513,19 @@ async def test_command_with_unpaired_surrogate_is_rejected(
 
 
 @contextlib.asynccontextmanager
-async def controller_process(endpoint: BrokerEndpoint, root: Path) -> AsyncIterator[str]:
-    """``fleet controller`` in a process of its own, on a port it picks; yields its URL once
-    it is ready. For input that wedges the controller: an in-process controller that cannot
-    shut down would hang the test run, while a process is simply killed at the end."""
+async def controller_process(
+    endpoint: BrokerEndpoint, root: Path
+) -> AsyncIterator[tuple[str, dict[str, str]]]:
+    """``fleet controller`` in a process of its own, on a port it picks; yields its URL and
+    an admin token's headers once it is ready. For input that wedges the controller: an
+    in-process controller that cannot shut down would hang the test run, while a process is
+    simply killed at the end."""
+    db_path = root / "controller.sqlite3"
+    headers = bearer(admin_token(db_path))
     argv = [
         *(sys.executable, "-m", "fleet_controller", "controller"),
         *("--broker-host", endpoint.host, "--broker-port", str(endpoint.port)),
-        *("--http-port", "0", "--db-path", str(root / "controller.sqlite3")),
+        *("--http-port", "0", "--db-path", str(db_path)),
         *("--log-level", "INFO"),
     ]
     proc = await asyncio.create_subprocess_exec(
@@ -543,7 +550,7 @@ async def controller_process(endpoint: BrokerEndpoint, root: Path) -> AsyncItera
         async with httpx.AsyncClient(base_url=url) as http:
             r = await http.get("/readyz", params={"wait": DEFAULT_TIMEOUT})
             assert r.status_code == 200, r.text
-        yield url
+        yield url, headers
     finally:
         await stop_process(proc, signal.SIGKILL)
         if drain is not None:
@@ -561,8 +568,8 @@ async def test_results_and_statuses_the_store_cannot_write_are_dropped(
     """A result or status SQLite cannot hold is dropped and counted; later ones are recorded."""
     async with (
         Probe(amqtt_broker, kinds=()) as probe,
-        controller_process(amqtt_broker, tmp_path) as url,
-        httpx.AsyncClient(base_url=url, timeout=DEFAULT_TIMEOUT * 2) as http,
+        controller_process(amqtt_broker, tmp_path) as (url, headers),
+        httpx.AsyncClient(base_url=url, timeout=DEFAULT_TIMEOUT * 2, headers=headers) as http,
     ):
 
         async def unstorable_result(**fields: Any) -> None:

@@ -34,6 +34,12 @@ async def fleet(*args: str, env: dict[str, str] | None = None) -> Run:
     return Run(proc.returncode, out.decode(), err.decode())
 
 
+def at(controller: Controller) -> tuple[str, ...]:
+    """The flags that point `fleet` at ``controller``, with its admin token."""
+    assert controller.token is not None
+    return ("--url", controller.url, "--token", controller.token)
+
+
 @pytest.fixture
 async def controller(amqtt_broker: BrokerEndpoint, tmp_path: Path) -> AsyncIterator[Controller]:
     """A controller on the embedded broker, with agent a1 online."""
@@ -45,16 +51,14 @@ async def controller(amqtt_broker: BrokerEndpoint, tmp_path: Path) -> AsyncItera
 
 async def test_send_wait_prints_results_and_exits_zero(controller: Controller) -> None:
     """`fleet send a1 ping --wait` shows the per-agent table and exits 0 on success."""
-    r = await fleet("send", "a1", "ping", "--wait", "--url", controller.url)
+    r = await fleet("send", "a1", "ping", "--wait", *at(controller))
     assert r.code == 0, r.err
     assert "a1" in r.out and "succeeded" in r.out
 
 
 async def test_send_wait_exits_one_when_an_agent_fails(controller: Controller) -> None:
     """A failed run makes `fleet send --wait` exit 1 and show the exit code."""
-    r = await fleet(
-        "send", "a1", "run", "--wait", "--url", controller.url, "--", "sh", "-c", "exit 3"
-    )
+    r = await fleet("send", "a1", "run", "--wait", *at(controller), "--", "sh", "-c", "exit 3")
     assert r.code == 1, (r.out, r.err)
     assert "failed" in r.out and "3" in r.out
 
@@ -63,7 +67,7 @@ async def test_send_wait_exits_one_when_an_agent_does_not_answer(controller: Con
     """An agent that does not answer within --max-wait makes the exit code 1."""
     r = await fleet(
         "send", "a1,late", "ping", "--allow-unknown", "--wait", "--max-wait", "0.5",
-        "--url", controller.url,
+        *at(controller),
     )  # fmt: skip
     assert r.code == 1, (r.out, r.err)
     assert "not every agent answered" in r.err
@@ -72,7 +76,7 @@ async def test_send_wait_exits_one_when_an_agent_does_not_answer(controller: Con
 
 async def test_send_to_unknown_agent_is_a_clear_error(controller: Controller) -> None:
     """Unknown agents give exit code 2 and a one-line message naming them."""
-    r = await fleet("send", "ghost", "ping", "--url", controller.url)
+    r = await fleet("send", "ghost", "ping", *at(controller))
     assert r.code == 2
     assert "unknown agent(s): ghost" in r.err
 
@@ -89,23 +93,25 @@ async def test_agents_commands_and_show(controller: Controller) -> None:
     """`fleet agents`, `fleet commands` and `fleet show` print what the API holds."""
     sent = await controller.send(target="a1", command="info", wait=10)
     command_id = sent.json()["id"]
-    agents = await fleet("agents", "--json", "--url", controller.url)
+    agents = await fleet("agents", "--json", *at(controller))
     assert agents.code == 0, agents.err
     assert [(a["id"], a["online"]) for a in json.loads(agents.out)] == [("a1", True)]
-    table = await fleet("agents", "--url", controller.url)
+    table = await fleet("agents", *at(controller))
     assert "a1" in table.out and "online" in table.out
-    listed = await fleet("commands", "--url", controller.url)
+    listed = await fleet("commands", *at(controller))
     assert listed.code == 0 and command_id in listed.out
-    shown = await fleet("show", command_id, "--url", controller.url)
+    shown = await fleet("show", command_id, *at(controller))
     assert shown.code == 0, shown.err
     assert "info" in shown.out and "succeeded" in shown.out
-    missing = await fleet("show", "nope", "--url", controller.url)
+    missing = await fleet("show", "nope", *at(controller))
     assert missing.code == 2 and "404" in missing.err
 
 
 async def test_url_comes_from_environment(controller: Controller) -> None:
-    """FLEET_URL points every subcommand at the controller."""
-    r = await fleet("agents", "--json", env={"FLEET_URL": controller.url})
+    """FLEET_URL and FLEET_TOKEN point every subcommand at the controller."""
+    assert controller.token is not None
+    env = {"FLEET_URL": controller.url, "FLEET_TOKEN": controller.token}
+    r = await fleet("agents", "--json", env=env)
     assert r.code == 0, r.err
     assert json.loads(r.out)[0]["id"] == "a1"
 
@@ -122,7 +128,11 @@ async def test_every_subcommand_has_help() -> None:
         "commands",
         "show",
         "watch",
+        "token",
+        "token create",
+        "token list",
+        "token revoke",
     ):
-        r = await fleet(sub, "--help")
+        r = await fleet(*sub.split(), "--help")
         assert r.code == 0, (sub, r.err)
         assert "usage" in r.out.lower(), sub

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shlex
 import signal
 import socket
+import stat
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,7 +19,7 @@ import httpx
 import pytest
 from test_cli import fleet
 
-from fleet_testing import DEFAULT_TIMEOUT, free_port
+from fleet_testing import DEFAULT_TIMEOUT, bearer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,11 +67,14 @@ async def test_fleet_up_examples_work_as_printed(tmp_path: Path, mosquitto_pub: 
         run = await asyncio.create_subprocess_exec(*shlex.split(pub))
         assert await run.wait() == 0
         command_id = shlex.split(pub)[-1].split('"id":"')[1].split('"')[0]
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http}") as client:
+        token = banner_token(banner)
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{http}", headers=bearer(token)
+        ) as client:
             r = await client.get(f"/api/v1/commands/{command_id}", params={"wait": 10})
         assert r.json()["status"] == "succeeded", r.text
         curl = next(line.strip() for line in banner if line.strip().startswith("curl"))
-        assert f"127.0.0.1:{http}" in curl
+        assert f"127.0.0.1:{http}" in curl and f"Bearer {token}" in curl
     assert proc.returncode == 0
     rest = (await proc.stdout.read()).decode() if proc.stdout else ""
     assert "stopped cleanly" in rest
@@ -92,3 +97,35 @@ async def test_busy_port_is_one_line_naming_the_flag(tmp_path: Path, flag: str) 
     lines = [line for line in r.err.splitlines() if line.strip()]
     assert len(lines) == 1, r.err
     assert f"port {port}" in lines[0] and flag in lines[0] and "already in use" in lines[0]
+
+
+def banner_token(banner: list[str]) -> str:
+    return next(line.split()[1] for line in banner if line.strip().startswith("token "))
+
+
+async def test_fleet_up_token_is_private_works_as_printed_and_outlives_a_crash(
+    tmp_path: Path,
+) -> None:
+    """The admin token is in a 0600 state file, the printed curl sends a command with it, and
+    after a crash the next `fleet up` reuses it."""
+    ports = ("--mqtt-port", str(free_port()), "--http-port", str(free_port()))
+    async with fleet_up(tmp_path, "--agents", "1", *ports) as (proc, banner):
+        state = tmp_path / "state" / "fleet.json"
+        assert stat.S_IMODE(state.stat().st_mode) == 0o600
+        token = banner_token(banner)
+        assert json.loads(state.read_text())["token"] == token
+        curl = shlex.split(next(line.strip() for line in banner if line.strip().startswith("curl")))
+        headers = dict(
+            tuple(curl[i + 1].split(": ", 1)) for i, arg in enumerate(curl) if arg == "-H"
+        )
+        url = next(arg for arg in curl if arg.startswith("http"))
+        body = curl[curl.index("-d") + 1]
+        async with httpx.AsyncClient(timeout=DEFAULT_TIMEOUT) as client:
+            r = await client.request(curl[curl.index("-X") + 1], url, headers=headers, content=body)
+        assert r.status_code == 202 and r.json()["complete"], r.text
+        assert r.json()["sent_by"]["token_name"] == "fleet up"
+        proc.kill()
+        await proc.wait()
+    ports = ("--mqtt-port", str(free_port()), "--http-port", str(free_port()))
+    async with fleet_up(tmp_path, "--agents", "0", *ports) as (_, banner):
+        assert banner_token(banner) == token

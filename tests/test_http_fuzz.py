@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from schemathesis import Case, GenerationMode
 
 from controller_testing import Controller, controller_settings, run_controller
-from fleet_testing import run_amqtt
+from fleet_testing import bearer, run_amqtt
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -105,7 +105,12 @@ async def test_schema_generated_requests_never_fail_on_the_server(
         if command is not None and isinstance(case.body, dict) and "command" in case.body:
             case.body["command"] = command
         with requests.Session() as session:
-            r = case.call(base_url=controller.url, session=session, timeout=REQUEST_TIMEOUT)
+            r = case.call(
+                base_url=controller.url,
+                session=session,
+                timeout=REQUEST_TIMEOUT,
+                headers=bearer(controller.token),
+            )
         seen[f"{case.method} {case.path} {r.status_code}"] += 1
         problem = error_shape_problem(r.status_code, r.text)
         assert problem is None, f"{case.method} {case.formatted_path} {case.query}: {problem}"
