@@ -78,11 +78,14 @@ class TestAuthentication:
         self, controller: Controller
     ) -> None:
         """Every /api/v1 route (read from the app, so new routes count) answers 401 without
-        a token, in the error shape and with WWW-Authenticate: Bearer."""
+        a token, in the error shape and with WWW-Authenticate: Bearer, even to a body that
+        would not validate, and so does an unknown path under /api/v1."""
         routes = protected_routes(controller.settings)
         assert ("POST", "/api/v1/tokens") in routes and len(routes) >= 10, routes
-        for method, path in routes:
+        garbage = {"content": b"{not json", "headers": {"content-type": "application/json"}}
+        for method, path in [*routes, ("GET", "/api/v1/no-such-route")]:
             assert_refused(await as_token(controller, None, method, path), 401)
+            assert_refused(await as_token(controller, None, method, path, **garbage), 401)
 
     async def test_openapi_declares_the_bearer_scheme_on_every_api_route(
         self, controller: Controller

@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from fleet_agent.errors import FleetError
 from fleet_controller.api import api, health
 from fleet_controller.api_tokens import token_api
+from fleet_controller.auth import identify
 from fleet_controller.hub import Hub
 from fleet_controller.link import Link
 from fleet_controller.models import ErrorBody, ErrorDetail
@@ -65,6 +66,7 @@ def create_app(settings: ControllerSettings) -> FastAPI:
     )
     app.include_router(health)
     install_error_handlers(app)
+    app.add_middleware(Authenticate)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     return app
 
@@ -83,6 +85,24 @@ def _warn_about_auth(settings: ControllerSettings, tokens: TokenStore) -> None:
             " `fleet token create --scope admin --db %s`",
             settings.db_path,
         )
+
+
+class Authenticate:
+    """Identifies the caller of every /api/v1 request before its body is read (see auth)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and (path == api.prefix or path.startswith(api.prefix + "/")):
+            request = Request(scope)
+            try:
+                request.state.principal = identify(request, request.state.services)
+            except FleetError as exc:
+                await fleet_error_response(exc)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class BodyLimit:
@@ -134,8 +154,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(FleetError)
     async def fleet_error(request: Request, exc: FleetError) -> JSONResponse:
-        status_code = getattr(exc, "status_code", 400)
-        code = getattr(exc, "code", "bad_request")
-        response = _error(status_code, ErrorBody(error=code, message=str(exc)))
-        response.headers.update(getattr(exc, "headers", {}))
-        return response
+        return fleet_error_response(exc)
+
+
+def fleet_error_response(exc: FleetError) -> JSONResponse:
+    status_code = getattr(exc, "status_code", 400)
+    code = getattr(exc, "code", "bad_request")
+    response = _error(status_code, ErrorBody(error=code, message=str(exc)))
+    response.headers.update(getattr(exc, "headers", {}))
+    return response
