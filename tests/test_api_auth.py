@@ -77,9 +77,7 @@ class TestAuthentication:
     async def test_every_api_route_refuses_requests_without_a_token(
         self, controller: Controller
     ) -> None:
-        """Every /api/v1 route (read from the app, so new routes count) answers 401 without
-        a token, in the error shape and with WWW-Authenticate: Bearer, even to a body that
-        would not validate, and so does an unknown path under /api/v1."""
+        """Every /api/v1 route (taken from the app) and unknown path answers 401 without a token."""
         routes = protected_routes(controller.settings)
         assert ("POST", "/api/v1/tokens") in routes and len(routes) >= 10, routes
         garbage = {"content": b"{not json", "headers": {"content-type": "application/json"}}
@@ -273,8 +271,7 @@ class TestAudit:
 async def test_auth_none_needs_no_token_and_warns(
     amqtt_broker: BrokerEndpoint, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """With auth = none the API works without a token, says so loudly, and audits the
-    caller as unauthenticated."""
+    """auth = none: no token needed, a loud warning, the caller audited as unauthenticated."""
     caplog.set_level(logging.WARNING)
     settings = controller_settings(amqtt_broker, tmp_path / "f.sqlite3", auth="none")
     async with (
@@ -293,8 +290,7 @@ class TestCli:
     async def test_offline_create_then_online_create_list_revoke(
         self, amqtt_broker: BrokerEndpoint, tmp_path: Path
     ) -> None:
-        """`fleet token create --db` bootstraps an admin token that creates, lists and revokes
-        others through the API; a revoked token is refused."""
+        """An admin token made with `--db` creates, lists and revokes others through the API."""
         db_path = tmp_path / "f.sqlite3"
         boot = await fleet("token", "create", "--scope", "admin", "--db", str(db_path))
         assert boot.code == 0, boot.err
@@ -318,8 +314,7 @@ class TestCli:
     async def test_missing_refused_and_underscoped_tokens_are_one_line_errors(
         self, controller: Controller, tmp_path: Path
     ) -> None:
-        """No token, a refused token and a read token sending each give exit 2 and one
-        line saying what to do."""
+        """No token, a refused token or too small a scope: exit 2 and one line saying why."""
         env = {"FLEET_URL": controller.url, "FLEET_STATE_DIR": str(tmp_path)}
         read = (await issue(controller, Scope.READ))["token"]
         cases = [

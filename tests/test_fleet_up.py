@@ -106,8 +106,7 @@ def banner_token(banner: list[str]) -> str:
 async def test_fleet_up_token_is_private_works_as_printed_and_outlives_a_crash(
     tmp_path: Path,
 ) -> None:
-    """The admin token is in a 0600 state file, the printed curl sends a command with it, and
-    after a crash the next `fleet up` reuses it."""
+    """The token is in a 0600 state file, works in the printed curl and outlives a crash."""
     ports = ("--mqtt-port", str(free_port()), "--http-port", str(free_port()))
     async with fleet_up(tmp_path, "--agents", "1", *ports) as (proc, banner):
         state = tmp_path / "state" / "fleet.json"

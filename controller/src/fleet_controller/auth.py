@@ -88,6 +88,5 @@ def require(needed: Scope) -> Callable[[Principal], Awaitable[Caller]]:
 
 
 require_read = require(Scope.READ)
-ReadDep = Annotated[Caller, Depends(require_read)]
 OperateDep = Annotated[Caller, Depends(require(Scope.OPERATE))]
 AdminDep = Annotated[Caller, Depends(require(Scope.ADMIN))]
