@@ -19,6 +19,8 @@ import httpx
 import pytest
 from test_cli import fleet
 
+from fleet_controller.tokens import open_tokens
+
 from fleet_testing import DEFAULT_TIMEOUT, bearer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,7 +108,7 @@ def banner_token(banner: list[str]) -> str:
 async def test_fleet_up_token_is_private_works_as_printed_and_outlives_a_crash(
     tmp_path: Path,
 ) -> None:
-    """The token is in a 0600 state file, works in the printed curl and outlives a crash."""
+    """The token is in a 0600 state file, works in the printed curl, outlives a crash only."""
     ports = ("--mqtt-port", str(free_port()), "--http-port", str(free_port()))
     async with fleet_up(tmp_path, "--agents", "1", *ports) as (proc, banner):
         state = tmp_path / "state" / "fleet.json"
@@ -126,5 +128,8 @@ async def test_fleet_up_token_is_private_works_as_printed_and_outlives_a_crash(
         proc.kill()
         await proc.wait()
     ports = ("--mqtt-port", str(free_port()), "--http-port", str(free_port()))
-    async with fleet_up(tmp_path, "--agents", "0", *ports) as (_, banner):
+    async with fleet_up(tmp_path, "--agents", "0", *ports) as (proc, banner):
         assert banner_token(banner) == token
+    assert proc.returncode == 0
+    with open_tokens(tmp_path / "state" / "fleet.sqlite3") as tokens:
+        assert tokens.authenticate(token) is None, "the token is still valid after a clean stop"

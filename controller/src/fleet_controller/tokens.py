@@ -167,3 +167,11 @@ def valid_or_new_token(db_path: Path, token: str | None, *, name: str, scope: Sc
         if token and found is not None and found.scope.allows(scope):
             return token
         return tokens.create(name=name, scope=scope, created_by=default_creator()).token
+
+
+def revoke_offline(db_path: Path, token: str, *, by: str) -> None:
+    """Revoke ``token`` by writing the database at ``db_path`` directly."""
+    parts = split_token(token)
+    if parts is not None:
+        with open_tokens(db_path) as tokens:
+            tokens.revoke(parts[0], by=by)

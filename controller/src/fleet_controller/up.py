@@ -27,7 +27,7 @@ from fleet_controller.serve import (
     write_state,
 )
 from fleet_controller.settings import ControllerSettings
-from fleet_controller.tokens import valid_or_new_token
+from fleet_controller.tokens import revoke_offline, valid_or_new_token
 
 OPERATOR = "operator"
 # What `run` may start on the demo agents: harmless, read-only programs.
@@ -82,20 +82,20 @@ async def run_up(options: UpOptions, console: Console) -> None:
     http_port = http_sock.getsockname()[1]
     url_host = "127.0.0.1" if options.http_host in ("0.0.0.0", "::") else options.http_host
     url = f"http://{url_host}:{http_port}"
-    # An admin token for the local user: the one a previous run left, while it still works.
+    # An admin token for the local user, valid while this runs: the one a crashed run left,
+    # else a new one; revoked at a clean stop so that none piles up still valid.
+    db_path = state_dir / "fleet.sqlite3"
     token = valid_or_new_token(
-        state_dir / "fleet.sqlite3",
-        read_state(state_dir).get("token"),
-        name="fleet up",
-        scope=Scope.ADMIN,
+        db_path, read_state(state_dir).get("token"), name="fleet up", scope=Scope.ADMIN
     )
     async with contextlib.AsyncExitStack() as stack:
+        stack.callback(revoke_offline, db_path, token, by="fleet up (stopped)")
         stack.callback(http_sock.close)
         await stack.enter_async_context(EmbeddedBroker(config, port_flag="--mqtt-port"))
         settings = ControllerSettings(
             broker_host=client_host,
             broker_port=mqtt_port,
-            db_path=state_dir / "fleet.sqlite3",
+            db_path=db_path,
             http_host=options.http_host,
             http_port=http_port,
         )
