@@ -14,15 +14,19 @@ import httpx
 import pytest
 from test_cli import fleet
 
+from fleet_agent.errors import ConfigError
 from fleet_agent.protocol import TopicKind
+from fleet_agent.settings import load_settings
 from fleet_controller.app import create_app
 from fleet_controller.models import Scope
+from fleet_controller.settings import ControllerSettings
 from fleet_controller.tokens import create_token_offline
 
 from controller_testing import Controller, controller_settings, run_controller
 from fleet_testing import AgentRunner, BrokerEndpoint, Probe, bearer
 
 AGENT = "a1"
+PREFIX = "FLEET_CONTROLLER_"
 
 
 @pytest.fixture
@@ -266,6 +270,29 @@ class TestAudit:
         assert detail["source"] == "mqtt"
         assert detail["sent_by"] == {"kind": "mqtt", "token_id": None, "token_name": None,
                                      "address": None, "at": None}  # fmt: skip
+
+
+@pytest.mark.parametrize(("environ", "auth"), [({}, "tokens"), ({PREFIX + "AUTH": "none"}, "none")])
+def test_auth_setting_defaults_to_tokens_and_reads_the_environment(
+    environ: dict[str, str], auth: str
+) -> None:
+    """auth is `tokens` unless FLEET_CONTROLLER_AUTH (or --auth) says `none`."""
+    settings = load_settings(
+        ControllerSettings, flags={}, environ=environ, env_prefix=PREFIX, config_file=None
+    )
+    assert settings.auth == auth
+
+
+def test_unknown_auth_setting_is_a_config_error() -> None:
+    """FLEET_CONTROLLER_AUTH=off is refused with an error naming the setting."""
+    with pytest.raises(ConfigError, match="auth"):
+        load_settings(
+            ControllerSettings,
+            flags={},
+            environ={PREFIX + "AUTH": "off"},
+            env_prefix=PREFIX,
+            config_file=None,
+        )
 
 
 async def test_auth_none_needs_no_token_and_warns(
