@@ -9,18 +9,8 @@ from typing import Annotated
 import typer
 
 from fleet_agent.errors import FleetError
+from fleet_controller import cli_support as support
 from fleet_controller import render
-from fleet_controller.cli_support import (
-    JsonOption,
-    TokenOption,
-    UrlOption,
-    api_errors,
-    console,
-    errors,
-    fail,
-    make_client,
-    print_data,
-)
 from fleet_controller.models import Scope, TokenCreated
 from fleet_controller.tokens import create_token_offline, default_creator
 
@@ -53,9 +43,9 @@ def create(
             show_default=False,
         ),
     ] = None,
-    url: UrlOption = None,
-    token: TokenOption = None,
-    as_json: JsonOption = False,
+    url: support.UrlOption = None,
+    token: support.TokenOption = None,
+    as_json: support.JsonOption = False,
 ) -> None:
     """Issue a token and print it. It is shown only this once: store it now."""
     label = name or default_creator()
@@ -63,17 +53,17 @@ def create(
         try:
             created = create_token_offline(db, name=label, scope=scope)
         except (FleetError, OSError) as exc:
-            raise fail(f"cannot write the token to {db}: {exc}") from None
+            raise support.fail(f"cannot write the token to {db}: {exc}") from None
     else:
-        with api_errors():
-            data = make_client(url, token).create_token(label, scope.value)
+        with support.api_errors():
+            data = support.make_client(url, token).create_token(label, scope.value)
         created = TokenCreated.model_validate(data)
     if as_json:
-        console.print_json(created.model_dump_json())
+        support.console.print_json(created.model_dump_json())
         return
     # The token alone on stdout, so that `export FLEET_TOKEN=$(fleet token create ...)` works.
-    console.print(created.token, highlight=False, soft_wrap=True)
-    errors.print(
+    support.console.print(created.token, highlight=False, soft_wrap=True)
+    support.errors.print(
         f"token {created.id} ({created.name}, scope {created.scope.value}); shown only once."
         f" Use it with --token or `export FLEET_TOKEN={created.token}`, or over HTTP as"
         f" `Authorization: Bearer {created.token}`",
@@ -84,12 +74,14 @@ def create(
 
 @token_app.command("list")
 def list_tokens(
-    url: UrlOption = None, token: TokenOption = None, as_json: JsonOption = False
+    url: support.UrlOption = None,
+    token: support.TokenOption = None,
+    as_json: support.JsonOption = False,
 ) -> None:
     """Every token (never their secrets), revoked ones too. Needs an admin token."""
-    with api_errors():
-        data = make_client(url, token).tokens()
-    print_data(data, as_json, render.tokens_table)
+    with support.api_errors():
+        data = support.make_client(url, token).tokens()
+    support.print_data(data, as_json, render.tokens_table)
 
 
 @token_app.command("revoke")
@@ -97,10 +89,10 @@ def revoke(
     token_id: Annotated[
         str, typer.Argument(metavar="ID", help="The token's id (`fleet token list`).")
     ],
-    url: UrlOption = None,
-    token: TokenOption = None,
+    url: support.UrlOption = None,
+    token: support.TokenOption = None,
 ) -> None:
     """Revoke a token: requests with it are refused from now on. Needs an admin token."""
-    with api_errors():
-        make_client(url, token).revoke_token(token_id)
-    console.print(f"revoked token {token_id}", highlight=False)
+    with support.api_errors():
+        support.make_client(url, token).revoke_token(token_id)
+    support.console.print(f"revoked token {token_id}", highlight=False)
