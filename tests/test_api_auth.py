@@ -260,6 +260,15 @@ class TestAudit:
         assert any(command_id in m and "canceled" in m and "test admin" in m for m in audit)
         assert any("created" in m and "ci pipeline" in m for m in audit), audit
 
+    async def test_cancel_of_a_finished_command_records_no_canceler(
+        self, controller: Controller
+    ) -> None:
+        """Canceling a command every agent already finished leaves canceled_by null."""
+        sent = (await controller.send(target=AGENT, command="ping", wait=10)).json()
+        assert sent["complete"], sent
+        r = await controller.http.post(f"/api/v1/commands/{sent['id']}/cancel")
+        assert r.status_code == 200 and r.json()["canceled_by"] is None, r.text
+
     async def test_command_published_over_mqtt_is_recorded_without_a_token(
         self, controller: Controller, amqtt_broker: BrokerEndpoint
     ) -> None:

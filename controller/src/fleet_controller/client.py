@@ -42,12 +42,16 @@ class FleetClient:
                 " Set --url or FLEET_URL, or start one with `fleet up`"
             ) from exc
         if r.status_code >= 400:
-            try:
-                message = r.json().get("message") or r.text
-            except ValueError:
-                message = r.text
-            raise ApiError(self._explain(r.status_code, message), status_code=r.status_code)
+            raise self._error(r)
         return r.json() if r.content else None
+
+    def _error(self, r: httpx.Response) -> ApiError:
+        try:
+            body = r.json()
+        except ValueError:
+            body = None
+        message = body.get("message") if isinstance(body, dict) else None
+        return ApiError(self._explain(r.status_code, message or r.text), status_code=r.status_code)
 
     def _explain(self, status_code: int, message: str) -> str:
         if status_code == 401 and not self.token:
@@ -129,8 +133,7 @@ class FleetClient:
             with self._http.stream("GET", "/api/v1/events", timeout=None) as r:
                 if r.status_code >= 400:
                     r.read()
-                    message = r.json().get("message", r.text) if r.content else ""
-                    raise ApiError(self._explain(r.status_code, message), status_code=r.status_code)
+                    raise self._error(r)
                 for line in r.iter_lines():
                     if line.startswith("event: "):
                         yield line[len("event: ") :]

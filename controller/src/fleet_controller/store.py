@@ -624,9 +624,11 @@ class SQLiteStore:
             " finished_at = ?, updated_at = ? WHERE command_id = ? AND rank = 0",
             (reason, now, now, command_id),
         )
-        if by is not None:
+        if by is not None and open_agents:
+            # The first cancel that had something to cancel is the one on record.
             db.execute(
-                "UPDATE commands SET canceled_by = ? WHERE id = ?", (_caller_json(by), command_id)
+                "UPDATE commands SET canceled_by = ? WHERE id = ? AND canceled_by IS NULL",
+                (_caller_json(by), command_id),
             )
         db.execute("COMMIT")
         return open_agents
