@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import aiomqtt
 
+from fleet_agent.tls import client_context, warn_if_insecure
+
 if TYPE_CHECKING:
     from fleet_agent.settings import BrokerSettings
 
@@ -62,6 +64,10 @@ def make_client(
     will: aiomqtt.Will | None = None,
     clean_session: bool = False,
 ) -> aiomqtt.Client:
+    """A client for the configured broker; :class:`ConfigError` if a TLS or password file
+    cannot be used."""
+    context = client_context(settings)
+    warn_if_insecure(settings)
     return aiomqtt.Client(
         settings.broker_host,
         settings.broker_port,
@@ -72,6 +78,7 @@ def make_client(
         keepalive=settings.keepalive,
         will=will,
         socket_options=NODELAY,
+        tls_context=context,
         timeout=10,
     )
 
