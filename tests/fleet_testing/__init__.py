@@ -9,6 +9,7 @@
 - :class:`FaultProxy` sits between clients and a broker and cuts, stalls or refuses their
   connections; :func:`run_traced_agent` exposes an agent's ``online`` event as a
   :class:`TracedEvent`, whose clears can be awaited too;
+- :class:`TestCA` issues throwaway certificates for TLS tests;
 - :class:`BrokerProcess` and :class:`ControllerProcess` run the broker and the controller as
   processes that can be SIGKILLed and restarted on the same ports.
 """
@@ -28,6 +29,7 @@ from fleet_testing.brokers import (
     run_mosquitto,
     stop_process,
 )
+from fleet_testing.certs import Issued, TestCA, mosquitto_tls_config
 from fleet_testing.faults import FaultProxy, TracedEvent, run_traced_agent
 from fleet_testing.probe import Probe, Seen, with_id
 from fleet_testing.processes import PROCESS_START_TIMEOUT, BrokerProcess, ControllerProcess
@@ -44,12 +46,15 @@ __all__ = [
     "BrokerProcess",
     "ControllerProcess",
     "FaultProxy",
+    "Issued",
     "Probe",
     "Seen",
+    "TestCA",
     "TracedEvent",
     "free_port",
     "is_gone",
     "mosquitto_pub",
+    "mosquitto_tls_config",
     "require",
     "run_amqtt",
     "run_broker",

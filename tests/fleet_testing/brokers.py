@@ -11,8 +11,12 @@ import socket
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from fleet_controller.broker import ServerTLS
 
 DEFAULT_TIMEOUT = 10.0
 """How long any helper waits for something that should happen at once."""
@@ -44,15 +48,21 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 @contextlib.asynccontextmanager
 async def run_amqtt(
-    config_path: Path = BROKER_YAML, *, host: str = "127.0.0.1", port: int | None = None
+    config_path: Path = BROKER_YAML,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    tls: ServerTLS | None = None,
 ) -> AsyncIterator[BrokerEndpoint]:
-    """The controller's embedded amqtt broker, in this event loop, on ``port`` or a free one."""
+    """The controller's embedded amqtt broker, in this event loop, on ``port`` or a free one;
+    a TLS listener when ``tls`` is given."""
     from fleet_controller.broker import EmbeddedBroker, load_broker_config
     from fleet_controller.errors import PortInUse
 
     for _ in range(_PORT_ATTEMPTS if port is None else 1):
         chosen = port or free_port(host)
-        broker = EmbeddedBroker(load_broker_config(config_path, host=host, port=chosen))
+        config = load_broker_config(config_path, host=host, port=chosen, tls=tls)
+        broker = EmbeddedBroker(config)
         try:
             await broker.__aenter__()
         except PortInUse:  # another process took the port between the probe and the bind

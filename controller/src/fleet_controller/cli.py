@@ -50,6 +50,21 @@ UrlOption = Annotated[
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the raw JSON instead.")]
+TlsCertOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--tls-cert",
+        help="PEM server certificate (with --tls-key): serve MQTT over TLS, by convention on"
+        " port 8883.",
+    ),
+]
+TlsKeyOption = Annotated[
+    Path | None, typer.Option("--tls-key", help="PEM private key of --tls-cert (unencrypted).")
+]
+TlsCaOption = Annotated[
+    Path | None,
+    typer.Option("--tls-ca", help="PEM CA: require client certificates signed by it."),
+]
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -102,6 +117,9 @@ def up(
     mqtt_host: Annotated[str, typer.Option(help="MQTT listen address.")] = "127.0.0.1",
     http_host: Annotated[str, typer.Option(help="HTTP listen address.")] = "127.0.0.1",
     broker_config: Annotated[Path, typer.Option(help="amqtt config file.")] = Path("broker.yaml"),
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
+    tls_ca: TlsCaOption = None,
 ) -> None:
     """Embedded broker + controller + N demo agents in one process. Ctrl-C stops it all."""
     from fleet_controller.up import UpOptions, run_up
@@ -115,6 +133,9 @@ def up(
         agents=agents,
         state_dir=state_dir or default_state_dir(),
         broker_config=_broker_config(broker_config),
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_ca=tls_ca,
     )
     try:
         asyncio.run(run_up(options, console))
@@ -134,9 +155,12 @@ def broker(
     port: Annotated[int, typer.Option(help="MQTT port.")] = 1883,
     host: Annotated[str, typer.Option(help="Listen address.")] = "0.0.0.0",
     config: Annotated[Path, typer.Option(help="amqtt config file.")] = Path("broker.yaml"),
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
+    tls_ca: TlsCaOption = None,
 ) -> None:
     """The embedded amqtt broker alone (mosquitto is the production choice)."""
-    from fleet_controller.broker import EmbeddedBroker, load_broker_config
+    from fleet_controller.broker import EmbeddedBroker, ServerTLS, load_broker_config
     from fleet_controller.serve import stop_on_signals
 
     _configure_logging()
@@ -144,9 +168,11 @@ def broker(
     async def run() -> None:
         stop = asyncio.Event()
         stop_on_signals(stop)
-        cfg = load_broker_config(_broker_config(config), host=host, port=port)
+        tls = ServerTLS.from_flags(tls_cert, tls_key, tls_ca)
+        cfg = load_broker_config(_broker_config(config), host=host, port=port, tls=tls)
         async with EmbeddedBroker(cfg, port_flag="--port"):
-            console.print(f"embedded MQTT broker on {host}:{port}; Ctrl-C stops it")
+            over = " over TLS" if tls else ""
+            console.print(f"embedded MQTT broker on {host}:{port}{over}; Ctrl-C stops it")
             await stop.wait()
 
     try:

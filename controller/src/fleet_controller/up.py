@@ -16,7 +16,7 @@ from rich.console import Console
 from fleet_agent.agent import Agent
 from fleet_agent.settings import AgentSettings
 from fleet_controller.app import create_app
-from fleet_controller.broker import EmbeddedBroker, load_broker_config
+from fleet_controller.broker import EmbeddedBroker, ServerTLS, load_broker_config
 from fleet_controller.serve import STATE_FILE, bind_tcp, http_server, stop_on_signals, write_state
 from fleet_controller.settings import ControllerSettings
 
@@ -37,23 +37,44 @@ class UpOptions:
     agents: int
     state_dir: Path
     broker_config: Path | None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+
+
+def client_tls(tls: ServerTLS | None) -> dict[str, Path]:
+    """TLS settings for `fleet up`'s own clients: they trust the server certificate itself
+    (no CA needed) and, under mutual TLS, present it as their client certificate."""
+    if tls is None:
+        return {}
+    mutual = {"tls_cert": tls.certfile, "tls_key": tls.keyfile} if tls.cafile else {}
+    return {"tls_ca": tls.certfile, **mutual}
+
+
+def _mosquitto_tls_args(tls: dict[str, Path]) -> str:
+    flags = {"tls_ca": "--cafile", "tls_cert": "--cert", "tls_key": "--key"}
+    return "".join(f" {flags[k]} {shlex.quote(str(v))}" for k, v in tls.items())
 
 
 def _cli() -> str:
     return "uv run fleet" if "UV" in os.environ else "fleet"
 
 
-def examples(url: str, mqtt_host: str, mqtt_port: int, agent: str | None) -> list[str]:
+def examples(
+    url: str, mqtt_host: str, mqtt_port: int, agent: str | None, tls: dict[str, Path] | None = None
+) -> list[str]:
     target = agent or "a1"
+    tls_args = _mosquitto_tls_args(tls or {})
     body = '{"target":"all","command":"ping"}'
     return [
         f"curl -s -X POST '{url}/api/v1/commands?wait=5' -H 'content-type: application/json'"
         f" -d '{body}'",
         f"{_cli()} send all ping --wait",
         f"{_cli()} send {target} run -- uname -a",
-        f"mosquitto_pub -h {mqtt_host} -p {mqtt_port} -u {OPERATOR} -q 1"
+        f"mosquitto_pub -h {mqtt_host} -p {mqtt_port}{tls_args} -u {OPERATOR} -q 1"
         f" -t fleet/{target}/cmd -m " + shlex.quote('{"command":"ping","id":"hello-1"}'),
-        f"mosquitto_sub -h {mqtt_host} -p {mqtt_port} -u {OPERATOR}-sub -v -t 'fleet/+/result'",
+        f"mosquitto_sub -h {mqtt_host} -p {mqtt_port}{tls_args} -u {OPERATOR}-sub -v"
+        " -t 'fleet/+/result'",
     ]
 
 
@@ -64,7 +85,11 @@ async def run_up(options: UpOptions, console: Console) -> None:
     state_dir.mkdir(parents=True, exist_ok=True)
     http_sock = bind_tcp(options.http_host, options.http_port, what="HTTP", flag="--http-port")
     mqtt_port = options.mqtt_port
-    config = load_broker_config(options.broker_config, host=options.mqtt_host, port=mqtt_port)
+    server_tls = ServerTLS.from_flags(options.tls_cert, options.tls_key, options.tls_ca)
+    tls = client_tls(server_tls)
+    config = load_broker_config(
+        options.broker_config, host=options.mqtt_host, port=mqtt_port, tls=server_tls
+    )
     stop = asyncio.Event()
     stop_on_signals(stop)
     client_host = "127.0.0.1" if options.mqtt_host in ("0.0.0.0", "::", "") else options.mqtt_host
@@ -80,6 +105,7 @@ async def run_up(options: UpOptions, console: Console) -> None:
             db_path=state_dir / "fleet.sqlite3",
             http_host=options.http_host,
             http_port=http_port,
+            **tls,
         )
         server = http_server(create_app(settings))
         server_task = asyncio.create_task(server.serve(sockets=[http_sock]), name="fleet-up-http")
@@ -97,6 +123,7 @@ async def run_up(options: UpOptions, console: Console) -> None:
                 broker_port=mqtt_port,
                 state_dir=state_dir / "agents" / agent_id,
                 run_allow=DEMO_RUN_ALLOW,
+                **tls,
             )
             await stack.enter_async_context(Agent(agent_settings))
         async with httpx.AsyncClient(base_url=url, timeout=60) as http:
@@ -118,7 +145,7 @@ async def run_up(options: UpOptions, console: Console) -> None:
             },
         )
         stack.callback(lambda: state_path.unlink(missing_ok=True))
-        _banner(console, url, client_host, mqtt_port, ids, elapsed, state_dir)
+        _banner(console, url, client_host, mqtt_port, ids, elapsed, state_dir, tls)
         await stop.wait()
         console.print("\n[bold]stopping[/]: agents, controller, broker ...")
     console.print("[green]stopped cleanly[/]")
@@ -132,15 +159,17 @@ def _banner(
     ids: list[str],
     elapsed: float,
     state_dir: Path,
+    tls: dict[str, Path] | None = None,
 ) -> None:
     console.print(f"[bold green]fleet is up[/] in {elapsed:.2f}s")
     console.print(f"  API        {url}/api/v1   (docs: {url}/docs)")
     console.print(
-        f"  MQTT       {mqtt_host}:{mqtt_port}  (embedded amqtt; log in with any username)"
+        f"  MQTT       {mqtt_host}:{mqtt_port}  (embedded amqtt{', TLS' if tls else ''};"
+        " log in with any username)"
     )
     console.print(f"  agents     {', '.join(ids) if ids else 'none (use --agents N)'}")
     console.print(f"  state      {state_dir} ({STATE_FILE} lets other fleet commands find this)")
     console.print("\n[bold]try[/]:")
-    for line in examples(url, mqtt_host, mqtt_port, ids[0] if ids else None):
+    for line in examples(url, mqtt_host, mqtt_port, ids[0] if ids else None, tls):
         console.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
     console.print("\nCtrl-C stops everything.")
