@@ -117,6 +117,9 @@ def mosquitto_tls_config(server: Issued, *, client_ca: Path | None = None) -> li
     """mosquitto options that make the preceding listener a TLS listener; with
     ``client_ca``, clients must present a certificate signed by it."""
     lines = [f"certfile {server.cert}", f"keyfile {server.key}", "tls_version tlsv1.2"]
+    # Started as root, mosquitto reads the files as user `mosquitto`, which cannot enter
+    # pytest's private tmp_path; `user` has no effect when the tests run unprivileged.
+    lines.append("user root")
     if client_ca is not None:
         lines += [f"cafile {client_ca}", "require_certificate true"]
     return lines

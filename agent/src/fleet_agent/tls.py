@@ -18,6 +18,18 @@ log = logging.getLogger(__name__)
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
 
 
+class _ClosingSSLSocket(ssl.SSLSocket):
+    """Closes itself when its handshake fails: paho drops such a socket without closing it,
+    leaving the descriptor to the garbage collector on every refused attempt."""
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except BaseException:
+            self.close()
+            raise
+
+
 def _readable(path: Path, what: str) -> None:
     try:
         with path.open("rb"):
@@ -62,10 +74,14 @@ def load_chain(
     except ConfigError as exc:
         raise ConfigError(f"{key_name} {keyfile} {exc}") from None
     except ssl.SSLError as exc:
-        raise ConfigError(
-            f"{cert_name} {certfile} and {key_name} {keyfile} are not a PEM certificate and"
-            f" its private key{_reason(exc)}"
-        ) from exc
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            message = f"{key_name} {keyfile} is not the private key of {cert_name} {certfile}"
+        else:
+            message = (
+                f"{cert_name} {certfile} and {key_name} {keyfile} are not a PEM certificate"
+                f" and its private key{_reason(exc)}"
+            )
+        raise ConfigError(message) from exc
 
 
 def client_context(settings: BrokerSettings) -> ssl.SSLContext | None:
@@ -79,6 +95,7 @@ def client_context(settings: BrokerSettings) -> ssl.SSLContext | None:
         return None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname
     context.minimum_version = MINIMUM_VERSION
+    context.sslsocket_class = _ClosingSSLSocket
     if settings.tls_ca is not None:
         load_ca(context, settings.tls_ca, "tls_ca")
         # Lets tls_ca be the broker's own certificate (pinning) even when a CA signed it,
