@@ -3,13 +3,18 @@ makes TLS worth having (unknown CA, wrong hostname, plain TCP, missing client ce
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import shlex
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import httpx
 import pytest
+from test_cli import fleet
+from test_fleet_up import fleet_up
 
 from fleet_agent.mqtt import make_client
 from fleet_agent.settings import BrokerSettings
@@ -22,6 +27,7 @@ from fleet_testing import (
     BrokerEndpoint,
     Issued,
     TestCA,
+    free_port,
     mosquitto_tls_config,
     require,
     run_amqtt,
@@ -71,6 +77,11 @@ async def refused(endpoint: BrokerEndpoint, **tls: Any) -> str:
     with pytest.raises(aiomqtt.MqttError) as caught:
         await connect(endpoint, **tls)
     return str(caught.value)
+
+
+def fleet_env(tmp_path: Path) -> dict[str, str]:
+    """Where `fleet` finds the `fleet up` started by ``fleet_up(tmp_path, ...)``."""
+    return {"FLEET_STATE_DIR": str(tmp_path / "state")}
 
 
 def client_tls(ca: TestCA, name: str | None) -> dict[str, Path]:
@@ -223,3 +234,30 @@ async def test_mutual_tls_accepts_client_certificate_from_its_ca(
 ) -> None:
     """A client certificate signed by the required CA is accepted."""
     await connect(mtls_broker, **client_tls(ca, "a1"))
+
+
+@pytest.mark.mosquitto
+async def test_fleet_up_over_mutual_tls(tmp_path: Path, ca: TestCA, mosquitto_pub: str) -> None:
+    """`fleet up` with --tls-cert/--tls-key/--tls-ca: its own agents and controller connect,
+    `fleet send` works, and so does the mosquitto_pub example it prints."""
+    # fleet up's own clients present the server certificate, so it allows client auth too.
+    both = ca.issue("localhost", dns=("localhost",), ips=("127.0.0.1",))
+    mqtt, http = free_port(), free_port()
+    tls = ["--tls-cert", str(both.cert), "--tls-key", str(both.key), "--tls-ca", str(ca.cert)]
+    args = ["--agents", "1", "--mqtt-port", str(mqtt), "--http-port", str(http), *tls]
+    async with fleet_up(tmp_path, *args) as (_, banner):
+        assert any("TLS" in line for line in banner), banner
+        sent = await fleet("send", "all", "ping", "--wait", env=fleet_env(tmp_path))
+        assert sent.code == 0, (sent.out, sent.err)
+        pub = next(line.strip() for line in banner if line.strip().startswith("mosquitto_pub"))
+        assert f"--cafile {ca.cert}" in pub
+        run = await asyncio.create_subprocess_exec(*shlex.split(pub))
+        assert await run.wait() == 0
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http}") as client:
+            r = await client.get("/api/v1/commands/hello-1", params={"wait": 10})
+        assert r.json()["status"] == "succeeded", r.text
+        words = shlex.split(pub)
+        tls_at = words.index("--cafile")
+        plain = words[:tls_at] + words[tls_at + 6 :]  # without --cafile, --cert and --key
+        attempt = await asyncio.create_subprocess_exec(*plain, stderr=asyncio.subprocess.DEVNULL)
+        assert await attempt.wait() != 0

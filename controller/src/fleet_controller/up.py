@@ -51,9 +51,15 @@ def client_tls(tls: ServerTLS | None) -> dict[str, Path]:
     return {"tls_ca": tls.certfile, **mutual}
 
 
-def _mosquitto_tls_args(tls: dict[str, Path]) -> str:
-    flags = {"tls_ca": "--cafile", "tls_cert": "--cert", "tls_key": "--key"}
-    return "".join(f" {flags[k]} {shlex.quote(str(v))}" for k, v in tls.items())
+def _mosquitto_tls_args(tls: ServerTLS | None) -> str:
+    """mosquitto_pub/sub cannot pin a CA-signed certificate as our clients do: they trust
+    the client CA (usually the one that signed the server too), else the certificate itself."""
+    if tls is None:
+        return ""
+    args = ["--cafile", str(tls.cafile or tls.certfile)]
+    if tls.cafile:
+        args += ["--cert", str(tls.certfile), "--key", str(tls.keyfile)]
+    return " " + shlex.join(args)
 
 
 def _cli() -> str:
@@ -61,10 +67,10 @@ def _cli() -> str:
 
 
 def examples(
-    url: str, mqtt_host: str, mqtt_port: int, agent: str | None, tls: dict[str, Path] | None = None
+    url: str, mqtt_host: str, mqtt_port: int, agent: str | None, tls: ServerTLS | None = None
 ) -> list[str]:
     target = agent or "a1"
-    tls_args = _mosquitto_tls_args(tls or {})
+    tls_args = _mosquitto_tls_args(tls)
     body = '{"target":"all","command":"ping"}'
     return [
         f"curl -s -X POST '{url}/api/v1/commands?wait=5' -H 'content-type: application/json'"
@@ -145,7 +151,7 @@ async def run_up(options: UpOptions, console: Console) -> None:
             },
         )
         stack.callback(lambda: state_path.unlink(missing_ok=True))
-        _banner(console, url, client_host, mqtt_port, ids, elapsed, state_dir, tls)
+        _banner(console, url, client_host, mqtt_port, ids, elapsed, state_dir, server_tls)
         await stop.wait()
         console.print("\n[bold]stopping[/]: agents, controller, broker ...")
     console.print("[green]stopped cleanly[/]")
@@ -159,7 +165,7 @@ def _banner(
     ids: list[str],
     elapsed: float,
     state_dir: Path,
-    tls: dict[str, Path] | None = None,
+    tls: ServerTLS | None = None,
 ) -> None:
     console.print(f"[bold green]fleet is up[/] in {elapsed:.2f}s")
     console.print(f"  API        {url}/api/v1   (docs: {url}/docs)")
