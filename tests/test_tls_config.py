@@ -126,7 +126,7 @@ BAD_BROKER_FILES: list[tuple[str, BadFiles, str]] = [
     (
         "missing-cert",
         lambda ca, p: ["--tls-cert", str(p / "nope.crt"), "--tls-key", str(p / "nope.key")],
-        "cannot read TLS certificate (--tls-cert)",
+        "cannot read TLS certificate (--tls-cert, certfile)",
     ),
     ("cert-without-key", lambda ca, p: ["--tls-cert", str(ca.server().cert)], "go together"),
     ("ca-without-cert", lambda ca, p: ["--tls-ca", str(ca.cert)], "--tls-ca needs --tls-cert"),

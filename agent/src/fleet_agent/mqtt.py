@@ -68,8 +68,8 @@ def _fail_fast_on_early_close(client: aiomqtt.Client) -> None:
         if client._lock.locked() and not pending.done():
             pending.set_exception(
                 aiomqtt.MqttError(
-                    "the broker closed the connection before accepting it (TLS on one side"
-                    " only, or a refused client certificate?)"
+                    "the broker closed the connection before accepting it (for example a"
+                    " plain-TCP client on a TLS port, or a refused client certificate)"
                 )
             )
         if original is not None:

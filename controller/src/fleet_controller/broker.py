@@ -61,10 +61,6 @@ def with_listener(
     return config
 
 
-TLS_PORT = 8883
-"""The registered port for MQTT over TLS; 1883 is for plain TCP."""
-
-
 @dataclass(frozen=True)
 class ServerTLS:
     """The embedded broker's TLS: its certificate and key and, for mutual TLS, the CA that
@@ -104,12 +100,13 @@ def server_context(listener: Any) -> ssl.SSLContext:
     context.minimum_version = MINIMUM_VERSION
     if not listener.get("certfile") or not listener.get("keyfile"):
         raise ConfigError(
-            "a TLS listener needs both a certificate and its key (--tls-cert, --tls-key)"
+            "a TLS listener needs a certificate and its key (certfile and keyfile in the"
+            " broker config, or --tls-cert and --tls-key)"
         )
-    names = ("TLS certificate (--tls-cert)", "TLS key (--tls-key)")
+    names = ("TLS certificate (--tls-cert, certfile)", "TLS key (--tls-key, keyfile)")
     load_chain(context, Path(listener["certfile"]), Path(listener["keyfile"]), names)
     if listener.get("cafile"):
-        load_ca(context, Path(listener["cafile"]), "client CA (--tls-ca)")
+        load_ca(context, Path(listener["cafile"]), "client CA (--tls-ca, cafile)")
         context.verify_mode = ssl.CERT_REQUIRED
     return context
 
