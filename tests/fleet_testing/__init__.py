@@ -26,6 +26,8 @@ from fleet_testing.brokers import (
     run_amqtt,
     run_broker,
     run_mosquitto,
+    run_secure_broker,
+    secure_mosquitto_config,
     stop_process,
 )
 from fleet_testing.faults import FaultProxy, TracedEvent, run_traced_agent
@@ -54,7 +56,9 @@ __all__ = [
     "run_amqtt",
     "run_broker",
     "run_mosquitto",
+    "run_secure_broker",
     "run_traced_agent",
+    "secure_mosquitto_config",
     "stop_process",
     "wait_process_exit",
     "with_id",

@@ -52,6 +52,34 @@ def with_listener(
     return config
 
 
+def with_credentials(config: dict[str, Any], directory: Path, prefix: str) -> dict[str, Any]:
+    """``config`` with logins checked against the credentials in ``directory`` (see
+    ``fleet credentials``) and topics limited by role, instead of any other auth plugin."""
+    from fleet_controller.credentials import Credentials
+
+    creds = Credentials(directory, prefix=prefix)
+    if not creds.users_file.exists():
+        raise ConfigError(
+            f"no MQTT credentials in {directory}: create them with `fleet credentials add`"
+        )
+    config = copy.deepcopy(config)
+    plugins = {
+        name: options
+        for name, options in (config.get("plugins") or {}).items()
+        if not name.startswith("amqtt.plugins.authentication.")
+        and not name.startswith("amqtt.plugins.topic_checking.")
+    }
+    plugins["fleet_controller.mqtt_auth.FleetAuthPlugin"] = {
+        "password_file": str(creds.amqtt_passwords)
+    }
+    plugins["fleet_controller.mqtt_auth.FleetTopicPlugin"] = {
+        "users_file": str(creds.users_file),
+        "prefix": prefix,
+    }
+    config["plugins"] = plugins
+    return config
+
+
 def bind_address(config: dict[str, Any]) -> tuple[str, int]:
     host, _, port = str(config["listeners"]["default"]["bind"]).rpartition(":")
     return host, int(port)
@@ -72,11 +100,13 @@ class EmbeddedBroker:
         self._broker: Any = None
 
     async def __aenter__(self) -> Self:
-        from amqtt.broker import Broker  # the agent never needs amqtt: import it only here
+        # The agent never needs amqtt: import it only here.
         from amqtt.errors import BrokerError
 
+        from fleet_controller.mqtt_auth import AuthenticatingBroker
+
         try:
-            self._broker = Broker(self.config)
+            self._broker = AuthenticatingBroker(self.config)
         except (ValueError, TypeError, KeyError) as exc:
             raise ConfigError(f"invalid broker config: {exc}") from exc
         quiet = _HideStartupTraceback()

@@ -22,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fleet_agent.cli import main as agent_main
 from fleet_agent.errors import FleetError
 from fleet_controller import render
+from fleet_controller.cli_credentials import app as credentials_app
 from fleet_controller.client import ApiError, FleetClient
 from fleet_controller.serve import default_state_dir, read_state
 
@@ -32,6 +33,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+app.add_typer(credentials_app, name="credentials")
 console = Console()
 errors = Console(stderr=True)
 
