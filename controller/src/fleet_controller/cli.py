@@ -136,9 +136,18 @@ def broker(
     port: Annotated[int, typer.Option(help="MQTT port.")] = 1883,
     host: Annotated[str, typer.Option(help="Listen address.")] = "0.0.0.0",
     config: Annotated[Path, typer.Option(help="amqtt config file.")] = Path("broker.yaml"),
+    credentials: Annotated[
+        Path | None,
+        typer.Option(
+            help="A `fleet credentials` directory: logins need its passwords, client id ="
+            " username, topics limited by role. Without it any username is accepted.",
+            show_default=False,
+        ),
+    ] = None,
+    prefix: Annotated[str, typer.Option(help="Topic prefix the ACLs apply to.")] = "fleet",
 ) -> None:
     """The embedded amqtt broker alone (mosquitto is the production choice)."""
-    from fleet_controller.broker import EmbeddedBroker, load_broker_config
+    from fleet_controller.broker import EmbeddedBroker, load_broker_config, with_credentials
     from fleet_controller.serve import stop_on_signals
 
     _configure_logging()
@@ -147,6 +156,12 @@ def broker(
         stop = asyncio.Event()
         stop_on_signals(stop)
         cfg = load_broker_config(_broker_config(config), host=host, port=port)
+        if credentials is not None:
+            cfg = with_credentials(cfg, credentials, prefix)
+        else:
+            logging.getLogger("fleet.broker").warning(
+                "no --credentials: any client that sends a username can command every agent"
+            )
         async with EmbeddedBroker(cfg, port_flag="--port"):
             console.print(f"embedded MQTT broker on {host}:{port}; Ctrl-C stops it")
             await stop.wait()

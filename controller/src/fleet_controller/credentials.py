@@ -117,6 +117,11 @@ def _write_atomic(path: Path, text: str, mode: int) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.chmod(tmp, mode)
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            # Keep the owner an admin gave the file (e.g. chown mosquitto), or the broker
+            # could no longer read it after the next change.
+            st = path.stat()
+            os.chown(tmp, st.st_uid, st.st_gid)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -147,23 +152,31 @@ class Credentials:
 
     def add(self, name: str, role: Role, *, replace: bool = False) -> str:
         """Create (or with ``replace``, reset) ``name``; returns its new password, once."""
-        check_agent_id(name)
+        return self.add_many([(name, role)], replace=replace)[name]
+
+    def add_many(
+        self, wanted: Iterable[tuple[str, Role]], *, replace: bool = False
+    ) -> dict[str, str]:
+        """:meth:`add` for several users, with one rewrite of the files."""
         users = self.users()
-        if name in users and not replace:
-            raise ConfigError(
-                f"MQTT user {name!r} exists (role {users[name].role}); use --replace for a new"
-                " password"
+        passwords: dict[str, str] = {}
+        for name, role in wanted:
+            check_agent_id(name)
+            if name in users and not replace:
+                raise ConfigError(
+                    f"MQTT user {name!r} exists (role {users[name].role}); use --replace for a"
+                    " new password"
+                )
+            password = passwords[name] = secrets.token_urlsafe(24)
+            users[name] = User(
+                name=name,
+                role=role,
+                argon2=_ARGON2.hash(password),
+                pbkdf2=mosquitto_hash(password),
+                created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             )
-        password = secrets.token_urlsafe(24)
-        users[name] = User(
-            name=name,
-            role=role,
-            argon2=_ARGON2.hash(password),
-            pbkdf2=mosquitto_hash(password),
-            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        )
         self._save(users)
-        return password
+        return passwords
 
     def remove(self, name: str) -> None:
         users = self.users()
@@ -244,3 +257,22 @@ def load_users(path: Path) -> dict[str, User]:
         }
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ConfigError(f"malformed MQTT users file {path}: {exc!r}") from exc
+
+
+def ensure_password_files(
+    creds: Credentials, users: Iterable[tuple[str, Role]], secrets_dir: Path
+) -> dict[str, Path]:
+    """A password file (mode 0600) per user in ``secrets_dir``, for processes started on this
+    machine; users without one get a new password. Returns the files by user."""
+    secrets_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    known = creds.users()
+    files = {name: secrets_dir / f"{name}.password" for name, _ in users}
+    missing = [
+        (name, role)
+        for name, role in users
+        if name not in known or known[name].role is not role or not files[name].exists()
+    ]
+    if missing:
+        for name, password in creds.add_many(missing, replace=True).items():
+            _write_atomic(files[name], password + "\n", 0o600)
+    return files

@@ -6,6 +6,7 @@ Only the controller imports this module (amqtt is not an agent dependency)."""
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ class FleetAuthPlugin(FileAuthPlugin):  # type: ignore[misc]  # amqtt is untyped
     def __init__(self, context: BrokerContext) -> None:
         super().__init__(context)
         self._stamp = _stamp(Path(self._get_config_option("password-file", "")))
+        self._verified: dict[str, tuple[str, str]] = {}
 
     def _reload_if_changed(self) -> None:
         path = Path(self._get_config_option("password-file", ""))
@@ -72,7 +74,20 @@ class FleetAuthPlugin(FileAuthPlugin):  # type: ignore[misc]  # amqtt is untyped
             )
             return False
         self._reload_if_changed()
-        if await super().authenticate(session=session):
+        stored: str | None = self._users.get(session.username)
+        password: str = session.password or ""
+        remembered = self._verified.get(session.username)
+        if (
+            stored is not None
+            and remembered is not None
+            and remembered[1] == stored
+            and hmac.compare_digest(remembered[0].encode(), password.encode())
+        ):
+            return True
+        if stored is not None and await super().authenticate(session=session):
+            # argon2 is slow on purpose: a reconnecting fleet pays it once per agent, not
+            # once per login (and amqtt checks each login twice).
+            self._verified[session.username] = (password, stored)
             return True
         log.warning("MQTT login refused: unknown user or wrong password for %r", session.username)
         return False
