@@ -50,7 +50,8 @@ async def fleet_up(
 
 
 async def test_fleet_up_examples_work_as_printed(tmp_path: Path, mosquitto_pub: str) -> None:
-    """`fleet up --agents 2`: `fleet send all ping --wait` and the printed mosquitto_pub work."""
+    """`fleet up --agents 2`: `fleet send all ping --wait` and the printed mosquitto_pub work;
+    MQTT logins without the printed password are refused."""
     mqtt, http = free_port(), free_port()
     state = {"FLEET_STATE_DIR": str(tmp_path / "state")}
     async with fleet_up(
@@ -65,6 +66,13 @@ async def test_fleet_up_examples_work_as_printed(tmp_path: Path, mosquitto_pub: 
         run = await asyncio.create_subprocess_exec(*shlex.split(pub))
         assert await run.wait() == 0
         command_id = shlex.split(pub)[-1].split('"id":"')[1].split('"')[0]
+        for login in ([], ["-i", "operator", "-u", "operator", "-P", "guess"]):
+            refused = await asyncio.create_subprocess_exec(
+                mosquitto_pub, "-h", "127.0.0.1", "-p", str(mqtt), *login, "-q", "1",
+                "-t", "fleet/demo-1/cmd", "-m", '{"command":"ping"}',
+                stderr=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+            assert await refused.wait() != 0, f"login {login} was not refused"
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http}") as client:
             r = await client.get(f"/api/v1/commands/{command_id}", params={"wait": 10})
         assert r.json()["status"] == "succeeded", r.text

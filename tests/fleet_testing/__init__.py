@@ -27,6 +27,8 @@ from fleet_testing.brokers import (
     run_amqtt,
     run_broker,
     run_mosquitto,
+    run_secure_broker,
+    secure_mosquitto_config,
     stop_process,
 )
 from fleet_testing.certs import Issued, TestCA, mosquitto_tls_config
@@ -59,7 +61,9 @@ __all__ = [
     "run_amqtt",
     "run_broker",
     "run_mosquitto",
+    "run_secure_broker",
     "run_traced_agent",
+    "secure_mosquitto_config",
     "stop_process",
     "wait_process_exit",
     "with_id",

@@ -83,13 +83,15 @@ class ServerTLS:
 
 
 def with_tls(config: dict[str, Any], tls: ServerTLS) -> dict[str, Any]:
-    """The config with its default listener turned into a TLS listener."""
+    """The config with its default listener turned into a TLS listener; :class:`ConfigError`
+    if the files cannot serve."""
     config = copy.deepcopy(config)
     listener = config.setdefault("listeners", {}).setdefault("default", {"type": "tcp"})
     listener.update(ssl=True, certfile=str(tls.certfile), keyfile=str(tls.keyfile))
     listener.pop("cafile", None)
     if tls.cafile is not None:
         listener["cafile"] = str(tls.cafile)
+    server_context(listener)  # unusable files: the error comes now, not at startup
     return config
 
 
@@ -116,6 +118,34 @@ def _tls_listeners(config: dict[str, Any]) -> list[dict[str, Any]]:
     return [v for v in listeners.values() if isinstance(v, dict) and v.get("ssl")]
 
 
+def with_credentials(config: dict[str, Any], directory: Path, prefix: str) -> dict[str, Any]:
+    """``config`` with logins checked against the credentials in ``directory`` (see
+    ``fleet credentials``) and topics limited by role, instead of any other auth plugin."""
+    from fleet_controller.credentials import Credentials
+
+    creds = Credentials(directory, prefix=prefix)
+    if not creds.users_file.exists():
+        raise ConfigError(
+            f"no MQTT credentials in {directory}: create them with `fleet credentials add`"
+        )
+    config = copy.deepcopy(config)
+    plugins = {
+        name: options
+        for name, options in (config.get("plugins") or {}).items()
+        if not name.startswith("amqtt.plugins.authentication.")
+        and not name.startswith("amqtt.plugins.topic_checking.")
+    }
+    plugins["fleet_controller.mqtt_auth.FleetAuthPlugin"] = {
+        "password_file": str(creds.amqtt_passwords)
+    }
+    plugins["fleet_controller.mqtt_auth.FleetTopicPlugin"] = {
+        "users_file": str(creds.users_file),
+        "prefix": prefix,
+    }
+    config["plugins"] = plugins
+    return config
+
+
 def bind_address(config: dict[str, Any]) -> tuple[str, int]:
     host, _, port = str(config["listeners"]["default"]["bind"]).rpartition(":")
     return host, int(port)
@@ -136,10 +166,12 @@ class EmbeddedBroker:
         self._broker: Any = None
 
     async def __aenter__(self) -> Self:
-        from amqtt.broker import Broker  # the agent never needs amqtt: import it only here
+        # The agent never needs amqtt: import it only here.
         from amqtt.errors import BrokerError
 
-        class TLSBroker(Broker):  # type: ignore[misc]
+        from fleet_controller.mqtt_auth import AuthenticatingBroker
+
+        class TLSBroker(AuthenticatingBroker):
             # amqtt's own context only ever asks for client certificates (CERT_OPTIONAL),
             # so a client CA would not keep anyone out; ours requires them.
             @staticmethod

@@ -22,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fleet_agent.cli import main as agent_main
 from fleet_agent.errors import FleetError
 from fleet_controller import render
+from fleet_controller.cli_credentials import app as credentials_app
 from fleet_controller.client import ApiError, FleetClient
 from fleet_controller.serve import default_state_dir, read_state
 
@@ -32,6 +33,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+app.add_typer(credentials_app, name="credentials")
 console = Console()
 errors = Console(stderr=True)
 
@@ -155,12 +157,26 @@ def broker(
     port: Annotated[int, typer.Option(help="MQTT port.")] = 1883,
     host: Annotated[str, typer.Option(help="Listen address.")] = "0.0.0.0",
     config: Annotated[Path, typer.Option(help="amqtt config file.")] = Path("broker.yaml"),
+    credentials: Annotated[
+        Path | None,
+        typer.Option(
+            help="A `fleet credentials` directory: logins need its passwords, client id ="
+            " username, topics limited by role. Without it any username is accepted.",
+            show_default=False,
+        ),
+    ] = None,
+    prefix: Annotated[str, typer.Option(help="Topic prefix the ACLs apply to.")] = "fleet",
     tls_cert: TlsCertOption = None,
     tls_key: TlsKeyOption = None,
     tls_ca: TlsCaOption = None,
 ) -> None:
     """The embedded amqtt broker alone (mosquitto is the production choice)."""
-    from fleet_controller.broker import EmbeddedBroker, ServerTLS, load_broker_config
+    from fleet_controller.broker import (
+        EmbeddedBroker,
+        ServerTLS,
+        load_broker_config,
+        with_credentials,
+    )
     from fleet_controller.serve import stop_on_signals
 
     _configure_logging()
@@ -170,6 +186,12 @@ def broker(
         stop_on_signals(stop)
         tls = ServerTLS.from_flags(tls_cert, tls_key, tls_ca)
         cfg = load_broker_config(_broker_config(config), host=host, port=port, tls=tls)
+        if credentials is not None:
+            cfg = with_credentials(cfg, credentials, prefix)
+        else:
+            logging.getLogger("fleet.broker").warning(
+                "no --credentials: any client that sends a username can command every agent"
+            )
         async with EmbeddedBroker(cfg, port_flag="--port"):
             over = " over TLS" if tls else ""
             console.print(f"embedded MQTT broker on {host}:{port}{over}; Ctrl-C stops it")

@@ -14,13 +14,17 @@ import httpx
 from rich.console import Console
 
 from fleet_agent.agent import Agent
+from fleet_agent.protocol import DEFAULT_PREFIX
 from fleet_agent.settings import AgentSettings
 from fleet_controller.app import create_app
-from fleet_controller.broker import EmbeddedBroker, ServerTLS, load_broker_config
+from fleet_controller.broker import EmbeddedBroker, ServerTLS, load_broker_config, with_credentials
+from fleet_controller.credentials import Credentials, Role, ensure_password_files
 from fleet_controller.serve import STATE_FILE, bind_tcp, http_server, stop_on_signals, write_state
 from fleet_controller.settings import ControllerSettings
 
+CONTROLLER = "fleet-controller"
 OPERATOR = "operator"
+WATCHER = "operator-sub"  # a second operator login, so a subscriber can run beside a publisher
 # What `run` may start on the demo agents: harmless, read-only programs.
 DEMO_RUN_ALLOW = [
     "uname", "uptime", "df", "free", "date", "hostname", "echo", "true", "false", "sleep",
@@ -67,19 +71,29 @@ def _cli() -> str:
 
 
 def examples(
-    url: str, mqtt_host: str, mqtt_port: int, agent: str | None, tls: ServerTLS | None = None
+    url: str,
+    mqtt_host: str,
+    mqtt_port: int,
+    agent: str | None,
+    passwords: dict[str, Path],
+    tls: ServerTLS | None = None,
 ) -> list[str]:
     target = agent or "a1"
     tls_args = _mosquitto_tls_args(tls)
     body = '{"target":"all","command":"ping"}'
+
+    def login(user: str) -> str:
+        password = passwords[user].read_text().strip()
+        return f"-i {user} -u {user} -P {shlex.quote(password)}"
+
     return [
         f"curl -s -X POST '{url}/api/v1/commands?wait=5' -H 'content-type: application/json'"
         f" -d '{body}'",
         f"{_cli()} send all ping --wait",
         f"{_cli()} send {target} run -- uname -a",
-        f"mosquitto_pub -h {mqtt_host} -p {mqtt_port}{tls_args} -u {OPERATOR} -q 1"
+        f"mosquitto_pub -h {mqtt_host} -p {mqtt_port}{tls_args} {login(OPERATOR)} -q 1"
         f" -t fleet/{target}/cmd -m " + shlex.quote('{"command":"ping","id":"hello-1"}'),
-        f"mosquitto_sub -h {mqtt_host} -p {mqtt_port}{tls_args} -u {OPERATOR}-sub -v"
+        f"mosquitto_sub -h {mqtt_host} -p {mqtt_port}{tls_args} {login(WATCHER)} -v"
         " -t 'fleet/+/result'",
     ]
 
@@ -88,13 +102,23 @@ async def run_up(options: UpOptions, console: Console) -> None:
     """Run everything until SIGINT/SIGTERM, then stop it all cleanly."""
     t0 = time.monotonic()
     state_dir = options.state_dir
+    server_tls = ServerTLS.from_flags(options.tls_cert, options.tls_key, options.tls_ca)
+    tls = client_tls(server_tls)
     state_dir.mkdir(parents=True, exist_ok=True)
     http_sock = bind_tcp(options.http_host, options.http_port, what="HTTP", flag="--http-port")
     mqtt_port = options.mqtt_port
-    server_tls = ServerTLS.from_flags(options.tls_cert, options.tls_key, options.tls_ca)
-    tls = client_tls(server_tls)
-    config = load_broker_config(
-        options.broker_config, host=options.mqtt_host, port=mqtt_port, tls=server_tls
+    ids = [f"demo-{i}" for i in range(1, options.agents + 1)]
+    # Secure by default: every process logs in with its own generated password.
+    users = [(CONTROLLER, Role.CONTROLLER), (OPERATOR, Role.OPERATOR), (WATCHER, Role.OPERATOR)]
+    users += [(agent_id, Role.AGENT) for agent_id in ids]
+    creds = Credentials(state_dir / "mqtt", prefix=DEFAULT_PREFIX)
+    passwords = ensure_password_files(creds, users, state_dir / "secrets")
+    config = with_credentials(
+        load_broker_config(
+            options.broker_config, host=options.mqtt_host, port=mqtt_port, tls=server_tls
+        ),
+        creds.directory,
+        DEFAULT_PREFIX,
     )
     stop = asyncio.Event()
     stop_on_signals(stop)
@@ -111,6 +135,8 @@ async def run_up(options: UpOptions, console: Console) -> None:
             db_path=state_dir / "fleet.sqlite3",
             http_host=options.http_host,
             http_port=http_port,
+            client_id=CONTROLLER,
+            password_file=passwords[CONTROLLER],
             **tls,
         )
         server = http_server(create_app(settings))
@@ -121,7 +147,6 @@ async def run_up(options: UpOptions, console: Console) -> None:
             await server_task
 
         stack.push_async_callback(stop_server)
-        ids = [f"demo-{i}" for i in range(1, options.agents + 1)]
         for agent_id in ids:
             agent_settings = AgentSettings(
                 agent_id=agent_id,
@@ -129,6 +154,7 @@ async def run_up(options: UpOptions, console: Console) -> None:
                 broker_port=mqtt_port,
                 state_dir=state_dir / "agents" / agent_id,
                 run_allow=DEMO_RUN_ALLOW,
+                password_file=passwords[agent_id],
                 **tls,
             )
             await stack.enter_async_context(Agent(agent_settings))
@@ -146,12 +172,15 @@ async def run_up(options: UpOptions, console: Console) -> None:
                 "mqtt_host": client_host,
                 "mqtt_port": mqtt_port,
                 "mqtt_username": OPERATOR,
+                "mqtt_password_file": str(passwords[OPERATOR]),
                 "pid": os.getpid(),
                 "agents": ids,
             },
         )
         stack.callback(lambda: state_path.unlink(missing_ok=True))
-        _banner(console, url, client_host, mqtt_port, ids, elapsed, state_dir, server_tls)
+        _banner(
+            console, url, client_host, mqtt_port, ids, elapsed, state_dir, passwords, server_tls
+        )
         await stop.wait()
         console.print("\n[bold]stopping[/]: agents, controller, broker ...")
     console.print("[green]stopped cleanly[/]")
@@ -165,17 +194,18 @@ def _banner(
     ids: list[str],
     elapsed: float,
     state_dir: Path,
+    passwords: dict[str, Path],
     tls: ServerTLS | None = None,
 ) -> None:
     console.print(f"[bold green]fleet is up[/] in {elapsed:.2f}s")
     console.print(f"  API        {url}/api/v1   (docs: {url}/docs)")
     console.print(
         f"  MQTT       {mqtt_host}:{mqtt_port}  (embedded amqtt{', TLS' if tls else ''};"
-        " log in with any username)"
+        f" logins required, client id = username; operator password in {passwords[OPERATOR]})"
     )
     console.print(f"  agents     {', '.join(ids) if ids else 'none (use --agents N)'}")
     console.print(f"  state      {state_dir} ({STATE_FILE} lets other fleet commands find this)")
     console.print("\n[bold]try[/]:")
-    for line in examples(url, mqtt_host, mqtt_port, ids[0] if ids else None, tls):
+    for line in examples(url, mqtt_host, mqtt_port, ids[0] if ids else None, passwords, tls):
         console.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
     console.print("\nCtrl-C stops everything.")
