@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import stat
 from pathlib import Path
 
+import httpx
 import pytest
 from test_cli import fleet
+from test_fleet_up import fleet_up
 
 from fleet_agent.protocol import CommandStatus
 from fleet_agent.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME
 
-from fleet_testing import AgentRunner, BrokerEndpoint, Probe
+from fleet_testing import AgentRunner, BrokerEndpoint, Probe, free_port
 from fleet_testing import mosquitto_pub as publish_with
 
 
@@ -105,3 +108,24 @@ async def test_fleet_sign_covers_the_topic(key_dir: Path) -> None:
     a1 = await fleet("sign", "--key", key, "--to", "a1", "--id", "same", "ping")
     a2 = await fleet("sign", "--key", key, "--to", "a2", "--id", "same", "ping")
     assert json.loads(a1.out)["sig"] != json.loads(a2.out)["sig"]
+
+
+async def test_fleet_up_agents_require_signatures(tmp_path: Path, mosquitto_pub: str) -> None:
+    """`fleet up` keeps its key pair in the state dir and its demo agents refuse unsigned
+    commands."""
+    mqtt, http = free_port(), free_port()
+    async with fleet_up(
+        tmp_path, "--agents", "1", "--mqtt-port", str(mqtt), "--http-port", str(http)
+    ) as (_, banner):
+        # The printed example, with its login, but an unsigned payload.
+        pub = next(line.strip() for line in banner if line.strip().startswith("mosquitto_pub"))
+        login = pub.removeprefix("mosquitto_pub").split(" -m ")[0]
+        unsigned = f"""{mosquitto_pub}{login} -m '{{"command":"ping","id":"unsigned-1"}}'"""
+        run = await asyncio.create_subprocess_exec("sh", "-c", unsigned)
+        assert await run.wait() == 0
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http}") as client:
+            r = await client.get("/api/v1/commands/unsigned-1", params={"wait": 10})
+    result = r.json()["results"][0]
+    assert (result["status"], result["error"]) == ("rejected", "signature required"), r.text
+    key = tmp_path / "state" / "keys" / PRIVATE_KEY_NAME
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
