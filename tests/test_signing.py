@@ -105,6 +105,18 @@ async def test_signed_command_runs(
     assert marks.lines() == ["ok"]
 
 
+async def test_agent_without_a_key_accepts_signed_and_unsigned_commands(
+    probe: Probe, agents: AgentRunner, signer: Signer
+) -> None:
+    """An agent with no public key ignores `sig`, so signing can be turned on before agents
+    are given the key."""
+    async with agents.run("a1"):
+        signed = await publish_signed(probe, signer, "a1", "ping")
+        plain = await probe.send("a1", "ping")
+        results = [await probe.wait_result("a1", cid) for cid in (signed, plain)]
+    assert [r.status for r in results] == [CommandStatus.SUCCEEDED] * 2, results
+
+
 async def test_unsigned_command_is_rejected_and_not_run(
     probe: Probe, agents: AgentRunner, keys: KeyPair, marks: Marks
 ) -> None:

@@ -277,7 +277,8 @@ class Agent:
                 bytes(payload), max_bytes=self.settings.max_payload_bytes
             )
         except PayloadError as exc:
-            self._refusals.warn("rejected payload on %s: %s", message.topic, exc.reason)
+            warn = log.warning if verified else self._refusals.warn
+            warn("rejected payload on %s: %s", message.topic, exc.reason)
             self._reject(exc.command_id, exc.command, exc.reason, record=verified)
             return
         if self._verifier is not None:
@@ -349,9 +350,8 @@ class Agent:
         assert self._ledger is not None
         if command_id is not None:
             if command_id in self._tasks:
-                log.warning(
-                    "ignored a bad payload reusing the id of running command %s", command_id
-                )
+                warn = log.warning if record else self._refusals.warn
+                warn("ignored a bad payload reusing the id of running command %s", command_id)
                 return
             entry = self._ledger.get(command_id)
             if entry is not None:
