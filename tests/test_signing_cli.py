@@ -129,3 +129,13 @@ async def test_fleet_up_agents_require_signatures(tmp_path: Path, mosquitto_pub:
     assert (result["status"], result["error"]) == ("rejected", "signature required"), r.text
     key = tmp_path / "state" / "keys" / PRIVATE_KEY_NAME
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
+
+
+async def test_signing_subcommands_have_help() -> None:
+    """`fleet sign --help` and `fleet keys generate --help` work and are listed by `fleet`."""
+    for sub in (["sign"], ["keys"], ["keys", "generate"]):
+        r = await fleet(*sub, "--help")
+        assert r.code == 0, (sub, r.err)
+        assert "usage" in r.out.lower(), sub
+    listing = await fleet("--help")
+    assert "sign" in listing.out and "keys" in listing.out
