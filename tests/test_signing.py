@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.rsa import generate_private_key
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from fleet_agent.agent import Agent
 from fleet_agent.errors import ConfigError
@@ -318,13 +320,21 @@ async def test_unsigned_cancel_is_rejected(
 async def test_bad_public_key_is_a_config_error(
     amqtt_broker: BrokerEndpoint, tmp_path: Path, keys: KeyPair
 ) -> None:
-    """A missing public key file, or a private key given as the public one, stops the agent
-    at start with a ConfigError naming the file."""
+    """A missing public key file, a private key given as the public one, or a key of another
+    type stops the agent at start with a ConfigError naming the file."""
     runner = AgentRunner(amqtt_broker, tmp_path)
     with pytest.raises(ConfigError, match=r"cannot read command public key .*nope\.pub"):
         Agent(runner.settings("a1", command_public_key=tmp_path / "nope.pub"))
     with pytest.raises(ConfigError, match="is not a PEM public key"):
         Agent(runner.settings("a1", command_public_key=keys[0]))
+    rsa = tmp_path / "rsa.pub"
+    rsa.write_bytes(
+        generate_private_key(public_exponent=65537, key_size=2048)
+        .public_key()
+        .public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    )
+    with pytest.raises(ConfigError, match="is not an Ed25519 key"):
+        Agent(runner.settings("a1", command_public_key=rsa))
 
 
 def test_refusal_warnings_are_bounded(caplog: pytest.LogCaptureFixture) -> None:

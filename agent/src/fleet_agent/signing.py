@@ -20,7 +20,7 @@ from fleet_agent.errors import ConfigError
 from fleet_agent.protocol import Command, encode_signed, signed_content
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
     from cryptography.hazmat.primitives.asymmetric.ed25519 import (
         Ed25519PrivateKey,
@@ -38,11 +38,15 @@ BAD_SIGNATURE = "bad signature"
 NEEDS_ID_AND_EXPIRY = "signed commands must carry an id and expires_at"
 
 
-def _read_pem(path: Path, what: str) -> bytes:
+def _load_key(path: Path, what: str, parse: Callable[[bytes], object], hint: str) -> object:
     try:
-        return path.read_bytes()
+        data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    try:
+        return parse(data)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{what} {path} is not {hint}") from exc
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
@@ -50,14 +54,12 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-    data = _read_pem(path, "signing key")
-    try:
-        key = load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(
-            f"signing key {path} is not an unencrypted PEM private key"
-            " (make one with `fleet keys generate`)"
-        ) from exc
+    key = _load_key(
+        path,
+        "signing key",
+        lambda data: load_pem_private_key(data, password=None),
+        "an unencrypted PEM private key (make one with `fleet keys generate`)",
+    )
     if not isinstance(key, Ed25519PrivateKey):
         raise ConfigError(f"signing key {path} is not an Ed25519 key")
     return key
@@ -68,14 +70,12 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-    data = _read_pem(path, "command public key")
-    try:
-        key = load_pem_public_key(data)
-    except ValueError as exc:
-        raise ConfigError(
-            f"command public key {path} is not a PEM public key"
-            " (use the .pub file written by `fleet keys generate`)"
-        ) from exc
+    key = _load_key(
+        path,
+        "command public key",
+        load_pem_public_key,
+        "a PEM public key (use the .pub file written by `fleet keys generate`)",
+    )
     if not isinstance(key, Ed25519PublicKey):
         raise ConfigError(f"command public key {path} is not an Ed25519 key")
     return key
