@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shlex
+import os
+import re
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ import aiomqtt
 import httpx
 import pytest
 from test_cli import fleet
-from test_fleet_up import fleet_up
+from test_fleet_up import ROOT, fleet_up
 
 from fleet_agent.mqtt import make_client
 from fleet_agent.settings import BrokerSettings
@@ -251,13 +253,16 @@ async def test_fleet_up_over_mutual_tls(tmp_path: Path, ca: TestCA, mosquitto_pu
         assert sent.code == 0, (sent.out, sent.err)
         pub = next(line.strip() for line in banner if line.strip().startswith("mosquitto_pub"))
         assert f"--cafile {ca.cert}" in pub
-        run = await asyncio.create_subprocess_exec(*shlex.split(pub))
+        # The example signs with `fleet sign` inside $(...): it needs a shell and the CLI.
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+        run = await asyncio.create_subprocess_exec("sh", "-c", pub, cwd=ROOT, env=env)
         assert await run.wait() == 0
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http}") as client:
             r = await client.get("/api/v1/commands/hello-1", params={"wait": 10})
         assert r.json()["status"] == "succeeded", r.text
-        words = shlex.split(pub)
-        tls_at = words.index("--cafile")
-        plain = words[:tls_at] + words[tls_at + 6 :]  # without --cafile, --cert and --key
-        attempt = await asyncio.create_subprocess_exec(*plain, stderr=asyncio.subprocess.DEVNULL)
+        plain = re.sub(r" --cafile \S+ --cert \S+ --key \S+", "", pub)
+        assert plain != pub
+        attempt = await asyncio.create_subprocess_exec(
+            "sh", "-c", plain, cwd=ROOT, env=env, stderr=asyncio.subprocess.DEVNULL
+        )
         assert await attempt.wait() != 0

@@ -147,6 +147,11 @@ class AgentSettings(BrokerSettings):
         description="Executables `run` may start (names on PATH or paths); `*` allows any."
         " Empty: `run` is disabled.",
     )
+    command_public_key: Path | None = Field(
+        default=None,
+        description="Ed25519 public key (PEM): when set, only commands signed with its private"
+        " key are accepted (see docs/signing.md).",
+    )
     log_level: LogLevel = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR.")
 
     @property

@@ -23,6 +23,7 @@ from fleet_agent.cli import main as agent_main
 from fleet_agent.errors import FleetError
 from fleet_controller import render
 from fleet_controller.cli_credentials import app as credentials_app
+from fleet_controller.cli_keys import keys_app, sign
 from fleet_controller.client import ApiError, FleetClient
 from fleet_controller.serve import default_state_dir, read_state
 
@@ -34,6 +35,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(credentials_app, name="credentials")
+app.add_typer(keys_app)
+app.command()(sign)
 console = Console()
 errors = Console(stderr=True)
 

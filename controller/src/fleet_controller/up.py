@@ -16,6 +16,7 @@ from rich.console import Console
 from fleet_agent.agent import Agent
 from fleet_agent.protocol import DEFAULT_PREFIX
 from fleet_agent.settings import AgentSettings
+from fleet_agent.signing import ensure_key_pair
 from fleet_controller.app import create_app
 from fleet_controller.broker import EmbeddedBroker, ServerTLS, load_broker_config, with_credentials
 from fleet_controller.credentials import Credentials, Role, ensure_password_files
@@ -70,17 +71,24 @@ def _cli() -> str:
     return "uv run fleet" if "UV" in os.environ else "fleet"
 
 
+def signing_keys(state_dir: Path) -> tuple[Path, Path]:
+    """The local fleet's key pair (private, public): its agents require signed commands."""
+    return ensure_key_pair(state_dir / "keys")
+
+
 def examples(
     url: str,
     mqtt_host: str,
     mqtt_port: int,
     agent: str | None,
     passwords: dict[str, Path],
+    signing_key: Path,
     tls: ServerTLS | None = None,
 ) -> list[str]:
     target = agent or "a1"
     tls_args = _mosquitto_tls_args(tls)
     body = '{"target":"all","command":"ping"}'
+    sign = f"{_cli()} sign --key {shlex.quote(str(signing_key))} --to {target} --id hello-1 ping"
 
     def login(user: str) -> str:
         password = passwords[user].read_text().strip()
@@ -92,7 +100,7 @@ def examples(
         f"{_cli()} send all ping --wait",
         f"{_cli()} send {target} run -- uname -a",
         f"mosquitto_pub -h {mqtt_host} -p {mqtt_port}{tls_args} {login(OPERATOR)} -q 1"
-        f" -t fleet/{target}/cmd -m " + shlex.quote('{"command":"ping","id":"hello-1"}'),
+        f' -t fleet/{target}/cmd -m "$({sign})"',
         f"mosquitto_sub -h {mqtt_host} -p {mqtt_port}{tls_args} {login(WATCHER)} -v"
         " -t 'fleet/+/result'",
     ]
@@ -105,6 +113,7 @@ async def run_up(options: UpOptions, console: Console) -> None:
     server_tls = ServerTLS.from_flags(options.tls_cert, options.tls_key, options.tls_ca)
     tls = client_tls(server_tls)
     state_dir.mkdir(parents=True, exist_ok=True)
+    signing_key, public_key = signing_keys(state_dir)
     http_sock = bind_tcp(options.http_host, options.http_port, what="HTTP", flag="--http-port")
     mqtt_port = options.mqtt_port
     ids = [f"demo-{i}" for i in range(1, options.agents + 1)]
@@ -137,6 +146,7 @@ async def run_up(options: UpOptions, console: Console) -> None:
             http_port=http_port,
             client_id=CONTROLLER,
             password_file=passwords[CONTROLLER],
+            signing_key=signing_key,
             **tls,
         )
         server = http_server(create_app(settings))
@@ -155,6 +165,7 @@ async def run_up(options: UpOptions, console: Console) -> None:
                 state_dir=state_dir / "agents" / agent_id,
                 run_allow=DEMO_RUN_ALLOW,
                 password_file=passwords[agent_id],
+                command_public_key=public_key,
                 **tls,
             )
             await stack.enter_async_context(Agent(agent_settings))
@@ -206,6 +217,8 @@ def _banner(
     console.print(f"  agents     {', '.join(ids) if ids else 'none (use --agents N)'}")
     console.print(f"  state      {state_dir} ({STATE_FILE} lets other fleet commands find this)")
     console.print("\n[bold]try[/]:")
-    for line in examples(url, mqtt_host, mqtt_port, ids[0] if ids else None, passwords, tls):
+    key = signing_keys(state_dir)[0]
+    lines = examples(url, mqtt_host, mqtt_port, ids[0] if ids else None, passwords, key, tls)
+    for line in lines:
         console.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
     console.print("\nCtrl-C stops everything.")
