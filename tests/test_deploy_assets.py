@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 from pathlib import Path
 
 import aiomqtt
@@ -13,6 +12,7 @@ import yaml
 from fleet_agent.mqtt import NODELAY
 from fleet_agent.protocol import Command, CommandStatus, decode_result, encode
 from fleet_controller.broker import BUILTIN_CONFIG
+from fleet_controller.credentials import Credentials, Role
 
 from fleet_testing import (
     DEFAULT_TIMEOUT,
@@ -32,7 +32,7 @@ def test_builtin_broker_config_matches_broker_yaml() -> None:
     assert yaml.safe_load((ROOT / "broker.yaml").read_text()) == BUILTIN_CONFIG
 
 
-def shipped_config_for_test(workdir: Path, password_file: Path) -> list[str]:
+def shipped_config_for_test(workdir: Path, credentials: Credentials) -> list[str]:
     """The shipped mosquitto config with only its paths and listener replaced (port chosen
     by the test runner, files under tmp_path, logs to stderr with the `information` level
     for the readiness check)."""
@@ -42,40 +42,33 @@ def shipped_config_for_test(workdir: Path, password_file: Path) -> list[str]:
         if key in ("listener", "log_dest"):
             continue
         if key == "password_file":
-            line = f"password_file {password_file}"
+            line = f"password_file {credentials.mosquitto_passwords}"
+        elif key == "acl_file":
+            line = f"acl_file {credentials.mosquitto_acl}"
         elif key == "persistence_location":
             line = f"persistence_location {workdir}/"
         lines.append(line)
     return [*lines, "log_type information"]
 
 
-async def passwd(path: Path, user: str, password: str) -> None:
-    mosquitto_passwd = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
-    flags = ["-b"] if path.is_file() else ["-c", "-b"]  # noqa: ASYNC240 - a stat
-    proc = await asyncio.create_subprocess_exec(mosquitto_passwd, *flags, str(path), user, password)
-    assert await proc.wait() == 0
-
-
 async def test_round_trip_through_shipped_mosquitto_config(
     tmp_path: Path, mosquitto_pub: str
 ) -> None:
-    """An agent and an operator with passwords do a round trip through deploy/mosquitto/fleet.conf;
-    anonymous clients are refused."""
+    """An agent and an operator made by `fleet credentials` do a round trip through
+    deploy/mosquitto/fleet.conf; anonymous clients are refused."""
     require(MOSQUITTO, "mosquitto")
-    pw = tmp_path / "fleet.passwd"
-    await passwd(pw, "a1", "agent-secret")
-    await passwd(pw, "operator", "operator-secret")
-    pw.chmod(0o644)
+    creds = Credentials(tmp_path / "mqtt")
+    passwords = creds.add_many([("a1", Role.AGENT), ("operator", Role.OPERATOR)])
     (tmp_path / "data").mkdir()
     (tmp_path / "data").chmod(0o777)
-    extra = [*shipped_config_for_test(tmp_path / "data", pw), "user root"]
+    extra = [*shipped_config_for_test(tmp_path / "data", creds), "user root"]
     async with run_mosquitto(tmp_path, extra_config=extra, defaults=False) as endpoint:
         with pytest.raises(aiomqtt.MqttError):
             async with aiomqtt.Client(endpoint.host, endpoint.port, identifier="anon"):
                 pass
-        runner = AgentRunner(endpoint, tmp_path, password="agent-secret")
+        runner = AgentRunner(endpoint, tmp_path, password=passwords["a1"])
         async with runner.run("a1"), aiomqtt.Client(
-            endpoint.host, endpoint.port, username="operator", password="operator-secret",
+            endpoint.host, endpoint.port, username="operator", password=passwords["operator"],
             socket_options=NODELAY,
         ) as client:  # fmt: skip
             await client.subscribe("fleet/a1/result", qos=1)

@@ -54,7 +54,8 @@ async def fleet_up(
 
 
 async def test_fleet_up_examples_work_as_printed(tmp_path: Path, mosquitto_pub: str) -> None:
-    """`fleet up --agents 2`: `fleet send all ping --wait` and the printed mosquitto_pub work."""
+    """`fleet up --agents 2`: `fleet send all ping --wait` and the printed mosquitto_pub work;
+    MQTT logins without the printed password are refused."""
     mqtt, http = free_port(), free_port()
     state = {"FLEET_STATE_DIR": str(tmp_path / "state")}
     async with fleet_up(
@@ -66,9 +67,20 @@ async def test_fleet_up_examples_work_as_printed(tmp_path: Path, mosquitto_pub: 
         assert sent.code == 0, (sent.out, sent.err)
         assert "demo-1" in sent.out and "demo-2" in sent.out
         pub = next(line.strip() for line in banner if line.strip().startswith("mosquitto_pub"))
-        run = await asyncio.create_subprocess_exec(*shlex.split(pub))
+        # The example signs with `fleet sign` inside $(...): it needs a shell and the CLI.
+        path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+        run = await asyncio.create_subprocess_exec(
+            "sh", "-c", pub, cwd=ROOT, env={**os.environ, "PATH": path}
+        )
         assert await run.wait() == 0
-        command_id = shlex.split(pub)[-1].split('"id":"')[1].split('"')[0]
+        command_id = shlex.split(pub)[-1].split("--id ")[1].split()[0]
+        for login in ([], ["-i", "operator", "-u", "operator", "-P", "guess"]):
+            refused = await asyncio.create_subprocess_exec(
+                mosquitto_pub, "-h", "127.0.0.1", "-p", str(mqtt), *login, "-q", "1",
+                "-t", "fleet/demo-1/cmd", "-m", '{"command":"ping"}',
+                stderr=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+            assert await refused.wait() != 0, f"login {login} was not refused"
         token = banner_token(banner)
         async with httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{http}", headers=bearer(token)

@@ -9,6 +9,7 @@
 - :class:`FaultProxy` sits between clients and a broker and cuts, stalls or refuses their
   connections; :func:`run_traced_agent` exposes an agent's ``online`` event as a
   :class:`TracedEvent`, whose clears can be awaited too;
+- :class:`TestCA` issues throwaway certificates for TLS tests;
 - :class:`BrokerProcess` and :class:`ControllerProcess` run the broker and the controller as
   processes that can be SIGKILLed and restarted on the same ports; :func:`admin_token` writes
   an admin API token into a controller database and :func:`bearer` makes its header.
@@ -27,8 +28,11 @@ from fleet_testing.brokers import (
     run_amqtt,
     run_broker,
     run_mosquitto,
+    run_secure_broker,
+    secure_mosquitto_config,
     stop_process,
 )
+from fleet_testing.certs import Issued, TestCA, mosquitto_tls_config
 from fleet_testing.faults import FaultProxy, TracedEvent, run_traced_agent
 from fleet_testing.probe import Probe, Seen, with_id
 from fleet_testing.processes import (
@@ -51,19 +55,24 @@ __all__ = [
     "BrokerProcess",
     "ControllerProcess",
     "FaultProxy",
+    "Issued",
     "Probe",
     "Seen",
+    "TestCA",
     "TracedEvent",
     "admin_token",
     "bearer",
     "free_port",
     "is_gone",
     "mosquitto_pub",
+    "mosquitto_tls_config",
     "require",
     "run_amqtt",
     "run_broker",
     "run_mosquitto",
+    "run_secure_broker",
     "run_traced_agent",
+    "secure_mosquitto_config",
     "stop_process",
     "wait_process_exit",
     "with_id",

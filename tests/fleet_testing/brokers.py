@@ -11,8 +11,14 @@ import socket
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+from fleet_agent.protocol import DEFAULT_PREFIX
+
+if TYPE_CHECKING:
+    from fleet_controller.broker import ServerTLS
 
 DEFAULT_TIMEOUT = 10.0
 """How long any helper waits for something that should happen at once."""
@@ -44,15 +50,25 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 @contextlib.asynccontextmanager
 async def run_amqtt(
-    config_path: Path = BROKER_YAML, *, host: str = "127.0.0.1", port: int | None = None
+    config_path: Path = BROKER_YAML,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    credentials: Path | None = None,
+    tls: ServerTLS | None = None,
 ) -> AsyncIterator[BrokerEndpoint]:
-    """The controller's embedded amqtt broker, in this event loop, on ``port`` or a free one."""
-    from fleet_controller.broker import EmbeddedBroker, load_broker_config
+    """The controller's embedded amqtt broker, in this event loop, on ``port`` or a free one;
+    with ``credentials`` (a `fleet credentials` directory), logins and topics are checked;
+    with ``tls``, it is a TLS listener."""
+    from fleet_controller.broker import EmbeddedBroker, load_broker_config, with_credentials
     from fleet_controller.errors import PortInUse
 
     for _ in range(_PORT_ATTEMPTS if port is None else 1):
         chosen = port or free_port(host)
-        broker = EmbeddedBroker(load_broker_config(config_path, host=host, port=chosen))
+        config = load_broker_config(config_path, host=host, port=chosen, tls=tls)
+        if credentials is not None:
+            config = with_credentials(config, credentials, DEFAULT_PREFIX)
+        broker = EmbeddedBroker(config)
         try:
             await broker.__aenter__()
         except PortInUse:  # another process took the port between the probe and the bind
@@ -140,6 +156,36 @@ async def run_mosquitto(
     finally:
         await stop_process(proc, signal.SIGTERM)
         await drain
+
+
+def secure_mosquitto_config(credentials: Path) -> list[str]:
+    """mosquitto settings for a fleet with MQTT identities, as in deploy/mosquitto/fleet.conf."""
+    return [
+        "allow_anonymous false",
+        f"password_file {credentials / 'mosquitto.passwd'}",
+        f"acl_file {credentials / 'mosquitto.acl'}",
+        "use_username_as_clientid true",
+        # As root mosquitto would switch to its own user, who cannot read the 0600 files
+        # the test wrote; as anyone else this line does nothing.
+        "user root",
+        "persistence false",
+        "set_tcp_nodelay true",
+        "max_queued_messages 10000",
+    ]
+
+
+def run_secure_broker(
+    kind: str, workdir: Path, credentials: Path
+) -> contextlib.AbstractAsyncContextManager[BrokerEndpoint]:
+    """A broker of ``kind`` that checks logins and topics against ``credentials``."""
+    if kind == "amqtt":
+        return run_amqtt(credentials=credentials)
+    if kind == "mosquitto":
+        require(MOSQUITTO, "mosquitto")
+        return run_mosquitto(
+            workdir, defaults=False, extra_config=secure_mosquitto_config(credentials)
+        )
+    raise ValueError(f"unknown broker kind {kind!r}")
 
 
 def run_broker(

@@ -36,13 +36,14 @@ from fleet_agent.protocol import (
     Status,
     TopicKind,
     Topics,
-    decode_command,
+    decode_command_fields,
     describe_validation_error,
     encode,
     new_command_id,
     utcnow,
 )
 from fleet_agent.registry import CommandSpec, Context, Outcome, Registry
+from fleet_agent.signing import Verifier, WarningBudget
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -99,6 +100,10 @@ class Agent:
         self._canceling: dict[str, str] = {}
         """Command id -> why, for tasks being cancelled on request."""
         self._connection: asyncio.Task[None] | None = None
+        self._verifier = Verifier.for_settings(settings)
+        self._refusals = WarningBudget(log)
+        self._unrecorded: set[int] = set()
+        """ids of outbox results that are not in the ledger (refusals of unverified input)."""
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -264,12 +269,24 @@ class Agent:
         payload = message.payload
         if not isinstance(payload, bytes | bytearray):
             payload = str(payload).encode() if payload is not None else b""
+        # With a public key, nothing unverified may enter the ledger: a forged payload
+        # reusing the id of a genuine command must not stop that command from running.
+        verified = self._verifier is None
         try:
-            command = decode_command(bytes(payload), max_bytes=self.settings.max_payload_bytes)
+            command, fields = decode_command_fields(
+                bytes(payload), max_bytes=self.settings.max_payload_bytes
+            )
         except PayloadError as exc:
-            log.warning("rejected payload on %s: %s", message.topic, exc.reason)
-            self._reject(exc.command_id, exc.command, exc.reason)
+            warn = log.warning if verified else self._refusals.warn
+            warn("rejected payload on %s: %s", message.topic, exc.reason)
+            self._reject(exc.command_id, exc.command, exc.reason, record=verified)
             return
+        if self._verifier is not None:
+            refusal = self._verifier.refusal(str(message.topic), command, fields, utcnow())
+            if refusal is not None:
+                self._refusals.warn("refused %s on %s: %s", command.id, message.topic, refusal)
+                self._reject(command.id, command.command, refusal, record=False)
+                return
         if command.id is None:
             command = command.model_copy(update={"id": new_command_id()})
         self._accept(command)
@@ -327,13 +344,14 @@ class Agent:
             self._execute(command, spec, args, now), name=f"fleet-agent-{self.id}-cmd-{command.id}"
         )
 
-    def _reject(self, command_id: str | None, name: str | None, reason: str) -> None:
+    def _reject(
+        self, command_id: str | None, name: str | None, reason: str, *, record: bool = True
+    ) -> None:
         assert self._ledger is not None
         if command_id is not None:
             if command_id in self._tasks:
-                log.warning(
-                    "ignored a bad payload reusing the id of running command %s", command_id
-                )
+                warn = log.warning if record else self._refusals.warn
+                warn("ignored a bad payload reusing the id of running command %s", command_id)
                 return
             entry = self._ledger.get(command_id)
             if entry is not None:
@@ -341,16 +359,19 @@ class Agent:
                 if entry.final is not None:
                     self._emit(entry.final)
                 return
-        self._store_final(
-            Result(
-                id=command_id or new_command_id(),
-                agent=self.id,
-                command=name,
-                status=CommandStatus.REJECTED,
-                error=reason,
-                finished_at=utcnow(),
-            )
+        result = Result(
+            id=command_id or new_command_id(),
+            agent=self.id,
+            command=name,
+            status=CommandStatus.REJECTED,
+            error=reason,
+            finished_at=utcnow(),
         )
+        if record:
+            self._store_final(result)
+        else:
+            self._unrecorded.add(id(result))
+            self._emit(result)
 
     def _cancel(self, command: Command, now: datetime) -> None:
         """Cancel another command: a queued one is skipped, a running one is killed, one
@@ -607,6 +628,8 @@ class Agent:
                 await inflight[0]
                 inflight.popleft()
                 result = self._outbox.popleft()
-                if result.status.is_terminal:
+                if id(result) in self._unrecorded:
+                    self._unrecorded.discard(id(result))
+                elif result.status.is_terminal:
                     self._ledger.mark_published([result.id])
                 self._outbox_ready.set()

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from fleet_agent.agent import Agent
 from fleet_agent.errors import ConfigError
 from fleet_agent.settings import AgentSettings, parse_agent_settings
+from fleet_agent.tls import client_context
 
 
 def configure_logging(level: str) -> None:
@@ -35,6 +36,7 @@ async def serve(settings: AgentSettings) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = parse_agent_settings(argv)
+        client_context(settings)  # unusable TLS files end here in one line, before any work
         configure_logging(settings.log_level)
         asyncio.run(serve(settings))
     except ConfigError as exc:

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import aiomqtt
 
+from fleet_agent.tls import client_context, warn_if_insecure
+
 if TYPE_CHECKING:
     from fleet_agent.settings import BrokerSettings
 
@@ -54,6 +56,28 @@ class SessionFlag:
         paho.on_connect = on_connect
 
 
+def _fail_fast_on_early_close(client: aiomqtt.Client) -> None:
+    """aiomqtt ignores a connection closed before the CONNACK and waits out its timeout.
+    A broker that drops the client during the handshake (plain TCP to a TLS port, a refused
+    client certificate) should fail the connection attempt at once, with a reason."""
+    paho = client._client  # private, like SessionFlag: the close is only seen by paho
+    original = paho.on_disconnect
+
+    def on_disconnect(*args: Any) -> None:
+        pending = client._connected  # private: the future __aenter__ is waiting on
+        if client._lock.locked() and not pending.done():
+            pending.set_exception(
+                aiomqtt.MqttError(
+                    "the broker closed the connection before accepting it (for example a"
+                    " plain-TCP client on a TLS port, or a refused client certificate)"
+                )
+            )
+        if original is not None:
+            original(*args)
+
+    paho.on_disconnect = on_disconnect
+
+
 def make_client(
     settings: BrokerSettings,
     *,
@@ -62,7 +86,11 @@ def make_client(
     will: aiomqtt.Will | None = None,
     clean_session: bool = False,
 ) -> aiomqtt.Client:
-    return aiomqtt.Client(
+    """A client for the configured broker; :class:`ConfigError` if a TLS or password file
+    cannot be used."""
+    context = client_context(settings)
+    warn_if_insecure(settings)
+    client = aiomqtt.Client(
         settings.broker_host,
         settings.broker_port,
         identifier=identifier,
@@ -72,8 +100,11 @@ def make_client(
         keepalive=settings.keepalive,
         will=will,
         socket_options=NODELAY,
+        tls_context=context,
         timeout=10,
     )
+    _fail_fast_on_early_close(client)
+    return client
 
 
 async def stay_connected(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -35,6 +36,8 @@ _ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _COMMAND_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _COMMAND_NAME_PATTERN = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
 _PREFIX_PATTERN = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*")
+_MAX_SIGNATURE_CHARS = 256
+SIGNATURE_FIELD = "sig"
 
 
 def check_agent_id(value: str) -> str:
@@ -203,6 +206,12 @@ class Command(_Message):
     expires_at: AwareDatetime | None = Field(
         default=None, description="The agent refuses the command after this instant (ISO 8601)."
     )
+    sig: str | None = Field(
+        default=None,
+        max_length=_MAX_SIGNATURE_CHARS,
+        description="Base64 Ed25519 signature of the topic and the rest of the command"
+        " (see docs/signing.md). Required by agents configured with a public key.",
+    )
 
     def is_expired(self, now: datetime | None = None) -> bool:
         return self.expires_at is not None and self.expires_at <= (now or utcnow())
@@ -320,6 +329,11 @@ def decode_command(payload: bytes, *, max_bytes: int) -> Command:
     The error carries the command id and name when the payload yields them, so the
     rejection can be reported against the right command.
     """
+    return decode_command_fields(payload, max_bytes=max_bytes)[0]
+
+
+def decode_command_fields(payload: bytes, *, max_bytes: int) -> tuple[Command, dict[str, Any]]:
+    """:func:`decode_command`, plus the JSON object as sent, which a signature covers."""
     data = _load_object(payload, max_bytes, unicode=False)
     raw_id, raw_name = data.get("id"), data.get("command")
     command_id = (
@@ -336,13 +350,33 @@ def decode_command(payload: bytes, *, max_bytes: int) -> Command:
     except PayloadError as exc:
         raise PayloadError(exc.reason, command_id=command_id, command=name) from exc
     try:
-        return Command.model_validate(data)
+        return Command.model_validate(data), data
     except ValidationError as exc:
         raise PayloadError(
             f"invalid command: {describe_validation_error(exc)}",
             command_id=command_id,
             command=name,
         ) from exc
+
+
+def signed_content(topic: str, fields: Mapping[str, Any]) -> bytes:
+    """What a command signature covers: the topic, a newline, then the command's JSON
+    object without ``sig`` in canonical form (sorted keys, no spaces, ASCII only).
+
+    Both sides compute it from the decoded object, so the sender's whitespace and key
+    order do not matter; ``fields`` must have passed :func:`check_sendable`.
+    """
+    body = {k: v for k, v in fields.items() if k != SIGNATURE_FIELD}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return topic.encode() + b"\n" + canonical.encode()
+
+
+def encode_signed(command: Command, topic: str, sign: Callable[[bytes], str]) -> bytes:
+    """The wire form of ``command`` for ``topic``, with ``sig`` set to ``sign`` applied to
+    :func:`signed_content` of exactly the object that is sent."""
+    fields = json.loads(encode(command.model_copy(update={SIGNATURE_FIELD: None})))
+    fields[SIGNATURE_FIELD] = sign(signed_content(topic, fields))
+    return json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 MessageT = TypeVar("MessageT", bound=_Message)

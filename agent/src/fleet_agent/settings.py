@@ -12,7 +12,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from fleet_agent.errors import ConfigError
 from fleet_agent.protocol import DEFAULT_PREFIX, AgentId, TopicPrefix, describe_validation_error
@@ -44,6 +54,49 @@ class BrokerSettings(BaseModel):
     max_payload_bytes: int = Field(
         default=256 * 1024, ge=1024, description="Larger payloads are rejected unread."
     )
+    tls: bool = Field(
+        default=False,
+        description="Connect with TLS (usually port 8883); on whenever a tls_* file is given.",
+    )
+    tls_ca: Path | None = Field(
+        default=None,
+        description="PEM CA bundle (or the broker's own certificate) to verify the broker."
+        " Default: the system trust store.",
+    )
+    tls_cert: Path | None = Field(
+        default=None, description="PEM client certificate, for brokers that require one."
+    )
+    tls_key: Path | None = Field(
+        default=None,
+        validate_default=True,  # so that a tls_cert without a key is caught
+        description="PEM private key of tls_cert (unencrypted).",
+    )
+    tls_insecure: bool = Field(
+        default=False,
+        description="Do not verify the broker's hostname (the certificate still is). Unsafe.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tls_files_imply_tls(cls, data: Any) -> Any:
+        files = ("tls_ca", "tls_cert", "tls_key")
+        if isinstance(data, dict) and "tls" not in data and any(data.get(f) for f in files):
+            return {**data, "tls": True}
+        return data
+
+    @field_validator("tls_ca", "tls_cert", "tls_key", "tls_insecure")
+    @classmethod
+    def _needs_tls(cls, value: Any, info: ValidationInfo) -> Any:
+        if value and info.data.get("tls") is False:
+            raise ValueError("given, but tls is false")
+        return value
+
+    @field_validator("tls_key")
+    @classmethod
+    def _key_with_cert(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if (value is None) != (info.data.get("tls_cert") is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        return value
 
     def mqtt_password(self) -> str | None:
         """The password from ``password`` or, failing that, the first line of ``password_file``."""
@@ -94,6 +147,11 @@ class AgentSettings(BrokerSettings):
         description="Executables `run` may start (names on PATH or paths); `*` allows any."
         " Empty: `run` is disabled.",
     )
+    command_public_key: Path | None = Field(
+        default=None,
+        description="Ed25519 public key (PEM): when set, only commands signed with its private"
+        " key are accepted (see docs/signing.md).",
+    )
     log_level: LogLevel = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR.")
 
     @property
@@ -132,6 +190,11 @@ def add_arguments(parser: argparse.ArgumentParser, model: type[BaseModel]) -> No
         if _is_list(info.annotation):
             kwargs["action"] = "append"
             kwargs["metavar"] = "VALUE"
+        elif info.annotation is bool:
+            # `--tls` alone means true; `--tls false` still works.
+            kwargs["nargs"] = "?"
+            kwargs["const"] = "true"
+            kwargs["metavar"] = "BOOL"
         parser.add_argument(_flag(name), **kwargs)
 
 

@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fleet_agent.errors import FleetError
+from fleet_agent.signing import Signer
 from fleet_controller.api import api, health
 from fleet_controller.api_tokens import token_api
 from fleet_controller.auth import identify
@@ -32,13 +33,17 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: ControllerSettings) -> FastAPI:
+    # Loaded here, not in the lifespan, so that a bad key file stops the start with a
+    # ConfigError instead of a failed lifespan.
+    signer = Signer.from_file(settings.signing_key) if settings.signing_key else None
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         hub = Hub()
         async with SQLiteStore(
             settings.db_path, batch_max=settings.batch_max, on_commit=hub.notify
         ) as store:
-            link = Link(settings, store)
+            link = Link(settings, store, signer=signer)
             dispatcher = Dispatcher(settings, store, link, hub)
             link.on_birth = dispatcher.on_birth
             tokens = TokenStore(store.db)

@@ -19,6 +19,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fleet_agent.cli import main as agent_main
 from fleet_agent.errors import FleetError
 from fleet_controller import render
+from fleet_controller.cli_credentials import app as credentials_app
+from fleet_controller.cli_keys import keys_app, sign
 from fleet_controller.cli_support import (
     JsonOption,
     TokenOption,
@@ -41,10 +43,28 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+app.add_typer(credentials_app, name="credentials")
+app.add_typer(keys_app)
+app.command()(sign)
 app.add_typer(token_app)
-
 OPEN_STATUSES = ("pending", "received", "running")
 PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+TlsCertOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--tls-cert",
+        help="PEM server certificate (with --tls-key): serve MQTT over TLS, by convention on"
+        " port 8883.",
+    ),
+]
+TlsKeyOption = Annotated[
+    Path | None, typer.Option("--tls-key", help="PEM private key of --tls-cert (unencrypted).")
+]
+TlsCaOption = Annotated[
+    Path | None,
+    typer.Option("--tls-ca", help="PEM CA: require client certificates signed by it."),
+]
 
 
 def _configure_logging(level: str = "INFO") -> None:
@@ -72,6 +92,9 @@ def up(
     mqtt_host: Annotated[str, typer.Option(help="MQTT listen address.")] = "127.0.0.1",
     http_host: Annotated[str, typer.Option(help="HTTP listen address.")] = "127.0.0.1",
     broker_config: Annotated[Path, typer.Option(help="amqtt config file.")] = Path("broker.yaml"),
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
+    tls_ca: TlsCaOption = None,
 ) -> None:
     """Embedded broker + controller + N demo agents in one process. Ctrl-C stops it all."""
     from fleet_controller.up import UpOptions, run_up
@@ -85,6 +108,9 @@ def up(
         agents=agents,
         state_dir=state_dir or default_state_dir(),
         broker_config=_broker_config(broker_config),
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_ca=tls_ca,
     )
     try:
         asyncio.run(run_up(options, console))
@@ -104,9 +130,26 @@ def broker(
     port: Annotated[int, typer.Option(help="MQTT port.")] = 1883,
     host: Annotated[str, typer.Option(help="Listen address.")] = "0.0.0.0",
     config: Annotated[Path, typer.Option(help="amqtt config file.")] = Path("broker.yaml"),
+    credentials: Annotated[
+        Path | None,
+        typer.Option(
+            help="A `fleet credentials` directory: logins need its passwords, client id ="
+            " username, topics limited by role. Without it any username is accepted.",
+            show_default=False,
+        ),
+    ] = None,
+    prefix: Annotated[str, typer.Option(help="Topic prefix the ACLs apply to.")] = "fleet",
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
+    tls_ca: TlsCaOption = None,
 ) -> None:
     """The embedded amqtt broker alone (mosquitto is the production choice)."""
-    from fleet_controller.broker import EmbeddedBroker, load_broker_config
+    from fleet_controller.broker import (
+        EmbeddedBroker,
+        ServerTLS,
+        load_broker_config,
+        with_credentials,
+    )
     from fleet_controller.serve import stop_on_signals
 
     _configure_logging()
@@ -114,9 +157,17 @@ def broker(
     async def run() -> None:
         stop = asyncio.Event()
         stop_on_signals(stop)
-        cfg = load_broker_config(_broker_config(config), host=host, port=port)
+        tls = ServerTLS.from_flags(tls_cert, tls_key, tls_ca)
+        cfg = load_broker_config(_broker_config(config), host=host, port=port, tls=tls)
+        if credentials is not None:
+            cfg = with_credentials(cfg, credentials, prefix)
+        else:
+            logging.getLogger("fleet.broker").warning(
+                "no --credentials: any client that sends a username can command every agent"
+            )
         async with EmbeddedBroker(cfg, port_flag="--port"):
-            console.print(f"embedded MQTT broker on {host}:{port}; Ctrl-C stops it")
+            over = " over TLS" if tls else ""
+            console.print(f"embedded MQTT broker on {host}:{port}{over}; Ctrl-C stops it")
             await stop.wait()
 
     try:

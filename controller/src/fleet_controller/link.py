@@ -27,6 +27,7 @@ from fleet_agent.protocol import (
 from fleet_controller.errors import BrokerUnavailable
 
 if TYPE_CHECKING:
+    from fleet_agent.signing import Signer
     from fleet_controller.settings import ControllerSettings
     from fleet_controller.store import Store
 
@@ -34,8 +35,11 @@ log = logging.getLogger(__name__)
 
 
 class Link:
-    def __init__(self, settings: ControllerSettings, store: Store) -> None:
+    def __init__(
+        self, settings: ControllerSettings, store: Store, *, signer: Signer | None = None
+    ) -> None:
         self.settings = settings
+        self.signer = signer
         self.topics = Topics(settings.prefix)
         self.store = store
         self.connected = asyncio.Event()
@@ -75,12 +79,17 @@ class Link:
         async for message in client.messages:
             self.on_message(str(message.topic), message.payload, message_retained=message.retain)
 
+    def encode(self, topic: str, command: Command) -> bytes:
+        """The payload of ``command`` on ``topic``: signed for that topic when there is a key.
+        Every command the controller sends is encoded here."""
+        return self.signer.encode(topic, command) if self.signer else encode(command)
+
     async def publish(self, topic: str, command: Command) -> None:
         """Publish at QoS 1 and wait for the broker's acknowledgement."""
         if self._client is None or not self.connected.is_set():
             raise BrokerUnavailable("the controller is not connected to the MQTT broker")
         try:
-            await self._client.publish(topic, encode(command), qos=1)
+            await self._client.publish(topic, self.encode(topic, command), qos=1)
         except aiomqtt.MqttError as exc:
             raise BrokerUnavailable(f"publishing to the MQTT broker failed: {exc}") from exc
 

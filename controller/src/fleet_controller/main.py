@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from fleet_agent.errors import FleetError
 from fleet_agent.settings import parse_settings
+from fleet_agent.tls import client_context
 from fleet_controller.app import create_app
 from fleet_controller.serve import bind_tcp, http_server, stop_on_signals
 from fleet_controller.settings import ControllerSettings
@@ -52,6 +53,7 @@ async def serve(settings: ControllerSettings) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = parse_controller_settings(argv)
+        client_context(settings)  # unusable TLS files end here in one line, not at app startup
         logging.basicConfig(
             level=settings.log_level.upper(),
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -15,7 +15,6 @@ from fleet_agent.protocol import (
     AgentState,
     Command,
     Topics,
-    encode,
     new_command_id,
     utcnow,
 )
@@ -77,7 +76,7 @@ class Dispatcher:
             timeout=record.timeout,
             expires_at=record.expires_at,
         )
-        size = len(encode(wire))
+        size = len(self.link.encode(self.topics.broadcast_cmd, wire))
         if size > self.settings.max_payload_bytes:
             raise InvalidCommand(
                 f"args: the command is {size} bytes once encoded; agents accept at most"

@@ -55,6 +55,11 @@ class ControllerSettings(BrokerSettings):
         default=2 * 1024 * 1024, ge=1024, description="Larger HTTP request bodies get 413."
     )
     batch_max: int = Field(default=1000, ge=1, description="Most writes in one transaction.")
+    signing_key: Path | None = Field(
+        default=None,
+        description="Ed25519 private key (PEM) that signs every command the controller sends,"
+        " for agents that require signatures (see docs/signing.md).",
+    )
     log_level: LogLevel = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR.")
 
     @property

@@ -1,0 +1,120 @@
+"""`fleet credentials`: MQTT users for agents, the controller and operators."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fleet_agent.errors import FleetError
+from fleet_controller.credentials import Credentials, Role
+from fleet_controller.serve import default_state_dir
+
+app = typer.Typer(
+    help="MQTT users: one per agent, the controller and each operator, with topic ACLs by role.",
+    no_args_is_help=True,
+)
+console = Console()
+errors = Console(stderr=True)
+
+DirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--dir",
+        envvar="FLEET_CREDENTIALS_DIR",
+        help="Credentials directory. Default: mqtt/ in the fleet state dir (where `fleet up`"
+        " keeps its own).",
+        show_default=False,
+    ),
+]
+PrefixOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Topic prefix of the fleet. Default: the stored one, else fleet.", show_default=False
+    ),
+]
+
+
+def default_credentials_dir() -> Path:
+    return default_state_dir() / "mqtt"
+
+
+def _open(directory: Path | None, prefix: str | None = None) -> Credentials:
+    return Credentials(directory or default_credentials_dir(), prefix=prefix)
+
+
+def _fail(exc: FleetError) -> typer.Exit:
+    errors.print(f"[red]fleet:[/] {exc}", highlight=False)
+    return typer.Exit(2)
+
+
+@app.command()
+def add(
+    name: Annotated[str, typer.Argument(help="Username; for an agent, its agent id.")],
+    role: Annotated[Role, typer.Option(help="What the user may do on which topics.")],
+    directory: DirOption = None,
+    prefix: PrefixOption = None,
+    replace: Annotated[
+        bool, typer.Option(help="Give an existing user a new password (the old one stops).")
+    ] = False,
+    password_file: Annotated[
+        Path | None,
+        typer.Option(help="Also write the password to this file (mode 0600), for the agent."),
+    ] = None,
+) -> None:
+    """Create a user with a generated password, printed once, and update the broker files."""
+    creds = _open(directory, prefix)
+    try:
+        password = creds.add(name, role, replace=replace)
+    except FleetError as exc:
+        raise _fail(exc) from None
+    if password_file is not None:
+        fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(password + "\n")
+    console.print(f"MQTT user [bold]{name}[/] ({role}) in {creds.directory}")
+    console.print(f"password: {password}", highlight=False, soft_wrap=True)
+    console.print(
+        "It is shown only now. The embedded broker picks the change up at the next login;"
+        f" for mosquitto point password_file at {creds.mosquitto_passwords} and acl_file at"
+        f" {creds.mosquitto_acl}, then reload it (systemctl reload mosquitto).",
+        highlight=False,
+    )
+    if role is Role.OPERATOR:
+        console.print(
+            "On the embedded broker the client id must be the username: mosquitto_pub -i"
+            f" {name} -u {name} -P ...",
+            highlight=False,
+        )
+
+
+@app.command("list")
+def list_users(directory: DirOption = None) -> None:
+    """Users and their roles (passwords are stored only as hashes)."""
+    creds = _open(directory)
+    try:
+        users = creds.users()
+    except FleetError as exc:
+        raise _fail(exc) from None
+    table = Table("user", "role", "created", box=None)
+    for user in sorted(users.values(), key=lambda u: u.name):
+        table.add_row(user.name, user.role.value, user.created_at)
+    console.print(table if users else f"no MQTT users in {creds.directory}")
+
+
+@app.command()
+def remove(
+    name: Annotated[str, typer.Argument(help="Username.")],
+    directory: DirOption = None,
+) -> None:
+    """Delete a user: its next login fails (connected clients stay until they reconnect)."""
+    creds = _open(directory)
+    try:
+        creds.remove(name)
+    except FleetError as exc:
+        raise _fail(exc) from None
+    console.print(f"removed MQTT user {name} from {creds.directory}")

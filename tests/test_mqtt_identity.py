@@ -1,0 +1,264 @@
+"""MQTT identities: each attack on the broker layer, against amqtt (with the fleet's auth
+plugins) and against mosquitto (with the password and ACL files `fleet credentials` writes)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiomqtt
+import pytest
+
+from fleet_agent.mqtt import NODELAY
+from fleet_agent.protocol import Command, CommandStatus, Result, Topics, encode, new_command_id
+from fleet_controller.credentials import Credentials, Role
+
+from controller_testing import controller_settings, run_controller
+from fleet_testing import (
+    BROKER_KINDS,
+    DEFAULT_TIMEOUT,
+    AgentRunner,
+    BrokerEndpoint,
+    run_secure_broker,
+)
+
+TOPICS = Topics()
+
+
+@dataclass
+class Fleet:
+    endpoint: BrokerEndpoint
+    passwords: dict[str, str]
+    creds: Credentials
+    agents: AgentRunner
+
+
+@pytest.fixture(params=BROKER_KINDS)
+async def fleet(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Fleet]:
+    """A broker that checks logins and topics; users a1, a2 (agents), fleet-controller, ops."""
+    creds = Credentials(tmp_path / "mqtt")
+    users = [
+        ("a1", Role.AGENT),
+        ("a2", Role.AGENT),
+        ("fleet-controller", Role.CONTROLLER),
+        ("ops", Role.OPERATOR),
+    ]
+    passwords = {name: creds.add(name, role) for name, role in users}
+    async with run_secure_broker(request.param, tmp_path, creds.directory) as endpoint:
+        yield Fleet(endpoint, passwords, creds, AgentRunner(endpoint, tmp_path))
+
+
+def client(
+    fleet: Fleet,
+    username: str | None,
+    password: str | None = None,
+    *,
+    identifier: str | None = None,
+    clean_session: bool = True,
+) -> aiomqtt.Client:
+    """A raw MQTT client; by default with the user's own password and client id."""
+    if password is None and username is not None:
+        password = fleet.passwords.get(username)
+    return aiomqtt.Client(
+        fleet.endpoint.host,
+        fleet.endpoint.port,
+        identifier=identifier or username or "",
+        username=username,
+        password=password,
+        clean_session=clean_session,
+        socket_options=NODELAY,
+        timeout=DEFAULT_TIMEOUT,
+    )
+
+
+@contextlib.asynccontextmanager
+async def agent(fleet: Fleet, agent_id: str) -> AsyncIterator[None]:
+    async with fleet.agents.run(agent_id, password=fleet.passwords[agent_id]):
+        yield
+
+
+async def next_message(c: aiomqtt.Client) -> aiomqtt.Message:
+    async with asyncio.timeout(DEFAULT_TIMEOUT):
+        return await anext(aiomqtt_messages(c))
+
+
+async def aiomqtt_messages(c: aiomqtt.Client) -> AsyncIterator[aiomqtt.Message]:
+    async for message in c.messages:
+        yield message
+
+
+async def wait_result(c: aiomqtt.Client, command_id: str, status: CommandStatus) -> Result:
+    """The first result for ``command_id`` with ``status`` that ``c`` receives."""
+    async with asyncio.timeout(DEFAULT_TIMEOUT):
+        async for message in c.messages:
+            result = Result.model_validate_json(bytes(message.payload))  # type: ignore[arg-type]
+            if result.id == command_id and result.status is status:
+                return result
+    raise AssertionError("message stream ended")
+
+
+@pytest.mark.parametrize(
+    ("username", "password", "identifier"),
+    [
+        ("a1", "wrong-password", None),
+        ("a1", "", None),
+        ("nobody", "whatever", None),
+        (None, None, "a1"),
+    ],
+    ids=["wrong-password", "empty-password", "unknown-user", "anonymous"],
+)
+async def test_login_without_the_right_password_is_refused(
+    fleet: Fleet, username: str | None, password: str | None, identifier: str | None
+) -> None:
+    """A wrong, empty or missing password, or an unknown user, gets no connection."""
+    async with client(fleet, "a1"):
+        pass  # the right password works
+    with pytest.raises(aiomqtt.MqttCodeError):
+        async with client(fleet, username, password, identifier=identifier):
+            pass
+
+
+async def test_agent_cannot_read_another_agents_commands(fleet: Fleet) -> None:
+    """a1 subscribing to fleet/a2/cmd, fleet/+/cmd or fleet/# receives nothing of a2's."""
+    async with client(fleet, "a1") as a1, client(fleet, "ops") as ops:
+        for topic in (TOPICS.cmd("a2"), "fleet/+/cmd", "fleet/#", TOPICS.cmd("a1")):
+            with contextlib.suppress(aiomqtt.MqttError):  # a refused SUBACK is fine too
+                await a1.subscribe(topic, qos=1)
+        await ops.publish(TOPICS.cmd("a2"), b'{"command":"ping","id":"for-a2"}', qos=1)
+        await ops.publish(TOPICS.cmd("a1"), b'{"command":"ping","id":"for-a1"}', qos=1)
+        # One publisher's messages arrive in order: a2's would come before this marker.
+        first = await next_message(a1)
+        assert str(first.topic) == TOPICS.cmd("a1"), (first.topic, first.payload)
+
+
+async def test_forged_result_for_another_agent_is_not_recorded(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """a1 publishing a result for a2's command (on a2's topic or its own) changes nothing."""
+    settings = controller_settings(
+        fleet.endpoint,
+        tmp_path / "c.sqlite3",
+        password=fleet.passwords["fleet-controller"],
+        sweep_grace=0,
+    )
+    async with run_controller(settings) as ctl:
+        for agent_id in ("a1", "a2"):
+            async with agent(fleet, agent_id):
+                await ctl.wait_agent(agent_id)
+            await ctl.wait_agent(agent_id, until="offline")
+        r = await ctl.send(target="a2", command="ping")
+        assert r.status_code == 202, r.text
+        victim = r.json()["id"]
+        r = await ctl.send(target="a1", command="ping")
+        own = r.json()["id"]
+        async with client(fleet, "a1", clean_session=False) as a1:
+            forged = Result(id=victim, agent="a2", status=CommandStatus.SUCCEEDED, output="pwned")
+            await a1.publish(TOPICS.result("a2"), encode(forged), qos=1)
+            await a1.publish(TOPICS.result("a1"), encode(forged), qos=1)
+            await a1.publish(TOPICS.cmd("a2"), b'{"command":"run","id":"x"}', qos=1)
+            honest = Result(id=own, agent="a1", status=CommandStatus.SUCCEEDED, output="pong")
+            await a1.publish(TOPICS.result("a1"), encode(honest), qos=1)
+            # The controller reads a1's messages in order: once the honest one is in, the
+            # forged ones have been dropped.
+            done = await ctl.command(own, wait=DEFAULT_TIMEOUT)
+            assert done["status"] == "succeeded", done
+        detail = await ctl.command(victim)
+        assert detail["status"] == "pending", detail
+        assert detail["results"][0]["output"] is None, detail
+
+
+async def test_client_id_takeover_of_another_agent_is_refused(fleet: Fleet) -> None:
+    """a1's credentials with client id a2 cannot take over a2's session or read its commands."""
+    async with agent(fleet, "a2"), client(fleet, "ops") as ops:
+        await ops.subscribe(TOPICS.result("a2"), qos=1)
+        try:
+            async with client(fleet, "a1", identifier="a2", clean_session=False) as thief:
+                # mosquitto makes the username the client id: the thief is just a1.
+                assert fleet.endpoint.kind == "mosquitto"
+                await thief.subscribe(TOPICS.cmd("a2"), qos=1)
+                await thief.subscribe(TOPICS.cmd("a1"), qos=1)
+                await run_ping(ops, "a2")
+                await ops.publish(TOPICS.cmd("a1"), b'{"command":"ping","id":"marker"}', qos=1)
+                first = await next_message(thief)  # a2's command would have come first
+                assert str(first.topic) == TOPICS.cmd("a1"), (first.topic, first.payload)
+        except aiomqtt.MqttCodeError:
+            assert fleet.endpoint.kind == "amqtt"  # the login itself is refused
+        await run_ping(ops, "a2")  # a2 still has its session and still answers
+
+
+async def test_failed_login_as_an_agent_leaves_its_queued_commands(fleet: Fleet) -> None:
+    """A clean-session login as a2 with a wrong password does not wipe a2's offline queue."""
+    async with agent(fleet, "a2"):
+        pass
+    async with client(fleet, "ops") as ops:
+        await ops.subscribe(TOPICS.result("a2"), qos=1)
+        command_id = new_command_id()
+        command = Command(command="ping", id=command_id)
+        await ops.publish(TOPICS.cmd("a2"), encode(command), qos=1)
+        with pytest.raises(aiomqtt.MqttCodeError):
+            async with client(fleet, "a2", "wrong", clean_session=True):
+                pass
+        async with agent(fleet, "a2"):
+            await wait_result(ops, command_id, CommandStatus.SUCCEEDED)
+
+
+async def run_ping(ops: aiomqtt.Client, agent_id: str) -> None:
+    command_id = new_command_id()
+    await ops.publish(TOPICS.cmd(agent_id), encode(Command(command="ping", id=command_id)), qos=1)
+    await wait_result(ops, command_id, CommandStatus.SUCCEEDED)
+
+
+async def test_credentials_cli_adds_and_removes_users_on_a_running_broker(tmp_path: Path) -> None:
+    """`fleet credentials add` lets a new agent log in at once; `remove` locks it out again."""
+    directory = tmp_path / "mqtt"
+    secret = tmp_path / "a9.password"
+    creds = Credentials(directory)
+    creds.add("fleet-controller", Role.CONTROLLER)
+    async with run_secure_broker("amqtt", tmp_path, directory) as endpoint:
+        added = await fleet_cli(
+            "credentials", "add", "a9", "--role", "agent", "--dir", str(directory),
+            "--password-file", str(secret),
+        )  # fmt: skip
+        assert added.returncode == 0, added.stderr
+        password = secret.read_text().strip()
+        assert password in added.stdout.replace("\n", "")
+        assert secret.stat().st_mode & 0o777 == 0o600
+        listed = await fleet_cli("credentials", "list", "--dir", str(directory))
+        assert "a9" in listed.stdout and "agent" in listed.stdout, listed.stdout
+        runner = AgentRunner(endpoint, tmp_path)
+        async with runner.run("a9", password_file=secret):
+            pass
+        again = await fleet_cli(
+            "credentials", "add", "a9", "--role", "agent", "--dir", str(directory)
+        )
+        assert again.returncode == 2 and "--replace" in again.stderr, again.stderr
+        removed = await fleet_cli("credentials", "remove", "a9", "--dir", str(directory))
+        assert removed.returncode == 0, removed.stderr
+        fake = Fleet(endpoint, {"a9": password}, creds, runner)
+        with pytest.raises(aiomqtt.MqttCodeError):
+            async with client(fake, "a9"):
+                pass
+
+
+@dataclass
+class CliRun:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+async def fleet_cli(*args: str) -> CliRun:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "fleet_controller", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    async with asyncio.timeout(DEFAULT_TIMEOUT * 3):
+        out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return CliRun(proc.returncode, out.decode(), err.decode())
