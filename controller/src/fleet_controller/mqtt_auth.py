@@ -170,6 +170,16 @@ class AuthenticatingBroker(Broker):  # type: ignore[misc]
             await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
             await writer.close()
             raise MQTTError(f"login refused for client {incoming.client_id!r}")
+        # amqtt publishes a Last Will without asking the topic plugins: a client could send
+        # through its will what its ACL forbids it to publish (another agent's commands).
+        if incoming.will_flag and not await self._topic_filtering(
+            incoming, incoming.will_topic, Action.PUBLISH
+        ):
+            await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
+            await writer.close()
+            raise MQTTError(
+                f"client {incoming.client_id!r} may not publish its will on {incoming.will_topic!r}"
+            )
         # The rest is amqtt 0.12's own session lookup, unchanged.
         session = incoming
         if session.clean_session:
