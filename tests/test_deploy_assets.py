@@ -45,10 +45,9 @@ def shipped_config_for_test(workdir: Path, credentials: Credentials) -> list[str
             line = f"password_file {credentials.mosquitto_passwords}"
         elif key == "acl_file":
             line = f"acl_file {credentials.mosquitto_acl}"
-        elif key == "persistence_location":
-            line = f"persistence_location {workdir}/"
         lines.append(line)
-    return [*lines, "log_type information"]
+    # Debian's main config sets persistence_location, so the shipped file leaves it out.
+    return [*lines, f"persistence_location {workdir}/", "log_type information"]
 
 
 async def test_round_trip_through_shipped_mosquitto_config(

@@ -233,6 +233,12 @@ async def test_credentials_cli_adds_and_removes_users_on_a_running_broker(tmp_pa
         runner = AgentRunner(endpoint, tmp_path)
         async with runner.run("a9", password_file=secret):
             pass
+        nowhere = await fleet_cli(
+            "credentials", "add", "a8", "--role", "agent", "--dir", str(directory),
+            "--password-file", str(tmp_path / "missing" / "a8.password"),
+        )  # fmt: skip
+        assert nowhere.returncode == 2 and "cannot write" in nowhere.stderr, nowhere.stderr
+        assert "a8" not in creds.users()
         again = await fleet_cli(
             "credentials", "add", "a9", "--role", "agent", "--dir", str(directory)
         )

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fleet_agent.errors import FleetError
+from fleet_agent.errors import ConfigError, FleetError
 from fleet_controller.credentials import Credentials, Role
 from fleet_controller.serve import default_state_dir
 
@@ -68,14 +68,16 @@ def add(
 ) -> None:
     """Create a user with a generated password, printed once, and update the broker files."""
     creds = _open(directory, prefix)
+    # Open the file first: a password that cannot be stored must not replace a working one.
+    secret = _open_secret(password_file) if password_file is not None else None
     try:
         password = creds.add(name, role, replace=replace)
     except FleetError as exc:
+        if secret is not None:
+            secret.abandon()
         raise _fail(exc) from None
-    if password_file is not None:
-        fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(password + "\n")
+    if secret is not None:
+        secret.write(password)
     console.print(f"MQTT user [bold]{name}[/] ({role}) in {creds.directory}")
     console.print(f"password: {password}", highlight=False, soft_wrap=True)
     console.print(
@@ -90,6 +92,32 @@ def add(
             f" {name} -u {name} -P ...",
             highlight=False,
         )
+
+
+class _Secret:
+    def __init__(self, path: Path, fd: int, created: bool) -> None:
+        self.path, self.fd, self.created = path, fd, created
+
+    def write(self, password: str) -> None:
+        os.fchmod(self.fd, 0o600)  # an existing file keeps its mode otherwise
+        os.ftruncate(self.fd, 0)
+        with os.fdopen(self.fd, "w") as f:
+            f.write(password + "\n")
+
+    def abandon(self) -> None:
+        os.close(self.fd)
+        if self.created:
+            self.path.unlink(missing_ok=True)
+
+
+def _open_secret(path: Path) -> _Secret:
+    created = not path.exists()
+    try:
+        # O_NOFOLLOW: a symlink planted there must not redirect the secret elsewhere.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        raise _fail(ConfigError(f"cannot write --password-file {path}: {exc.strerror}")) from None
+    return _Secret(path, fd, created)
 
 
 @app.command("list")

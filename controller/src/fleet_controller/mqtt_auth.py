@@ -180,7 +180,7 @@ class AuthenticatingBroker(Broker):  # type: ignore[misc]
             raise MQTTError(
                 f"client {incoming.client_id!r} may not publish its will on {incoming.will_topic!r}"
             )
-        # The rest is amqtt 0.12's own session lookup, unchanged.
+        # The rest is amqtt 0.12's own session lookup (plus will_retain, which it forgets).
         session = incoming
         if session.clean_session:
             if session.client_id:
@@ -190,7 +190,14 @@ class AuthenticatingBroker(Broker):  # type: ignore[misc]
             session.parent = 0
         elif session.client_id in self._sessions:
             existing, _ = self._sessions[session.client_id]
-            for name in ("will_flag", "will_message", "will_topic", "will_qos", "keep_alive"):
+            for name in (
+                "will_flag",
+                "will_message",
+                "will_topic",
+                "will_qos",
+                "will_retain",
+                "keep_alive",
+            ):
                 setattr(existing, name, getattr(session, name))
             existing.username = session.username
             existing.password = session.password
