@@ -16,7 +16,7 @@ import pytest
 
 from fleet_agent.mqtt import NODELAY
 from fleet_agent.protocol import Command, CommandStatus, Result, Topics, encode, new_command_id
-from fleet_controller.credentials import Credentials, Role
+from fleet_controller.credentials import Credentials, Role, filter_covers
 
 from controller_testing import controller_settings, run_controller
 from fleet_testing import (
@@ -312,3 +312,39 @@ async def test_last_will_cannot_publish_where_the_client_may_not(fleet: Fleet) -
         await ops.publish(TOPICS.cmd("a2"), b'{"command":"ping","id":"marker"}', qos=1)
         first = await next_message(a2)
         assert b"marker" in bytes(first.payload), first.payload  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("allowed", "requested", "covered"),
+    [
+        ("fleet/a1/cmd", "fleet/a1/cmd", True),
+        ("fleet/a1/cmd", "fleet/a2/cmd", False),
+        ("fleet/a1/cmd", "fleet/+/cmd", False),
+        ("fleet/a1/cmd", "fleet/#", False),
+        ("fleet/a1/cmd", "fleet/a1/cmd/x", False),
+        ("fleet/a1/cmd", "fleet/a1", False),
+        ("fleet/+/result", "fleet/+/result", True),
+        ("fleet/+/result", "fleet/a9/result", True),
+        ("fleet/+/result", "fleet/#", False),
+        ("fleet/+/result", "fleet//result", True),
+        ("fleet/#", "fleet/a/b/c", True),
+        ("fleet/#/x", "fleet/a/x", False),
+    ],
+)
+def test_acl_filter_cover(allowed: str, requested: str, covered: bool) -> None:
+    """A subscription passes only if every topic it can match is matched by the rule."""
+    assert filter_covers(allowed, requested) is covered
+
+
+@pytest.mark.parametrize("prefix", ["#", "fleet/+", "fleet\nuser x\ntopic readwrite #", ""])
+async def test_credentials_refuse_a_prefix_that_would_bend_the_acl(
+    tmp_path: Path, prefix: str
+) -> None:
+    """A topic prefix with wildcards or line breaks is a one-line error, and no file is written."""
+    run = await fleet_cli(
+        "credentials", "add", "x1", "--role", "agent", "--dir", str(tmp_path / "mqtt"),
+        "--prefix", prefix,
+    )  # fmt: skip
+    assert run.returncode == 2, (run.stdout, run.stderr)
+    assert "invalid topic prefix" in run.stderr
+    assert not (tmp_path / "mqtt").exists()

@@ -66,6 +66,11 @@ def _check_command_name(value: str) -> str:
     return value
 
 
+def check_prefix(value: str) -> str:
+    """``value`` if it is a valid topic prefix (no wildcards), else ValueError."""
+    return _check_prefix(value)
+
+
 def _check_prefix(value: str) -> str:
     if not _PREFIX_PATTERN.fullmatch(value):
         raise ValueError("a topic prefix is one or more levels of letters, digits, '-', '_', '.'")

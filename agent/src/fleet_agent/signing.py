@@ -113,6 +113,16 @@ def ensure_key_pair(directory: Path) -> tuple[Path, Path]:
     private_path, public_path = directory / PRIVATE_KEY_NAME, directory / PUBLIC_KEY_NAME
     if private_path.exists() and public_path.exists():
         return private_path, public_path
+    if private_path.exists():  # the public half can always be derived again
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+        public = load_private_key(private_path).public_key()
+        pem = public.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+        try:
+            _write_new(public_path, pem, 0o644)
+        except OSError as exc:
+            raise ConfigError(f"cannot write {public_path}: {exc}") from exc
+        return private_path, public_path
     return generate_key_pair(directory)
 
 

@@ -123,7 +123,7 @@ def with_credentials(config: dict[str, Any], directory: Path, prefix: str) -> di
     ``fleet credentials``) and topics limited by role, instead of any other auth plugin."""
     from fleet_controller.credentials import Credentials
 
-    creds = Credentials(directory, prefix=prefix)
+    creds = Credentials(directory, prefix=prefix)  # checks the prefix
     if not creds.users_file.exists():
         raise ConfigError(
             f"no MQTT credentials in {directory}: create them with `fleet credentials add`"

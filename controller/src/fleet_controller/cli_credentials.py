@@ -44,7 +44,10 @@ def default_credentials_dir() -> Path:
 
 
 def _open(directory: Path | None, prefix: str | None = None) -> Credentials:
-    return Credentials(directory or default_credentials_dir(), prefix=prefix)
+    try:
+        return Credentials(directory or default_credentials_dir(), prefix=prefix)
+    except FleetError as exc:
+        raise _fail(exc) from None
 
 
 def _fail(exc: FleetError) -> typer.Exit:

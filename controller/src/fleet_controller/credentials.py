@@ -24,7 +24,7 @@ from typing import Any
 from argon2 import PasswordHasher
 
 from fleet_agent.errors import ConfigError
-from fleet_agent.protocol import BROADCAST, DEFAULT_PREFIX, check_agent_id
+from fleet_agent.protocol import BROADCAST, DEFAULT_PREFIX, check_agent_id, check_prefix
 
 USERS_FILE = "users.json"
 AMQTT_PASSWORDS = "passwd"
@@ -82,7 +82,7 @@ def filter_covers(allowed: str, requested: str) -> bool:
     want = requested.split("/")
     have = allowed.split("/")
     for i, level in enumerate(have):
-        if level == "#":
+        if level == "#" and i == len(have) - 1:
             return True
         if i >= len(want):
             return False
@@ -134,6 +134,8 @@ class Credentials:
 
     def __init__(self, directory: Path, *, prefix: str | None = None) -> None:
         """``prefix`` None: the one stored with the users, else the default."""
+        if prefix is not None:
+            valid_prefix(prefix)
         self.directory = directory
         self.amqtt_passwords = directory / AMQTT_PASSWORDS
         self.mosquitto_passwords = directory / MOSQUITTO_PASSWORDS
@@ -238,7 +240,15 @@ def load_prefix(path: Path) -> str:
     prefix = _load(path).get("prefix", DEFAULT_PREFIX)
     if not isinstance(prefix, str):
         raise ConfigError(f"malformed MQTT users file {path}: prefix is not a string")
-    return prefix
+    return valid_prefix(prefix)
+
+
+def valid_prefix(prefix: str) -> str:
+    """A prefix with wildcards or line breaks would turn every ACL rule into something else."""
+    try:
+        return check_prefix(prefix)
+    except ValueError as exc:
+        raise ConfigError(f"invalid topic prefix {prefix!r}: {exc}") from None
 
 
 def load_users(path: Path) -> dict[str, User]:

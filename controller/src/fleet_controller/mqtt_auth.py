@@ -25,7 +25,7 @@ from amqtt.session import Session
 from amqtt.utils import gen_client_id
 
 from fleet_agent.protocol import DEFAULT_PREFIX
-from fleet_controller.credentials import Access, Role, filter_covers, topic_rules
+from fleet_controller.credentials import Access, Role, filter_covers, topic_rules, valid_prefix
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class FleetTopicPlugin(BaseTopicPlugin):  # type: ignore[misc]
     def __init__(self, context: BaseContext) -> None:
         super().__init__(context)
         self._path = Path(self._get_config_option("users-file", ""))
-        self._prefix = str(self._get_config_option("prefix", DEFAULT_PREFIX))
+        self._prefix = valid_prefix(str(self._get_config_option("prefix", DEFAULT_PREFIX)))
         self._roles = _Roles(None, {})
         self._reload_if_changed()
 
