@@ -136,6 +136,18 @@ async def test_agent_cannot_read_another_agents_commands(fleet: Fleet) -> None:
         assert str(first.topic) == TOPICS.cmd("a1"), (first.topic, first.payload)
 
 
+async def test_agent_gets_no_other_agents_retained_messages(fleet: Fleet) -> None:
+    """Logging in as a1 hands it none of a2's retained status or retained commands."""
+    async with agent(fleet, "a2"), client(fleet, "ops") as ops:
+        await ops.publish(TOPICS.cmd("a2"), b'{"command":"ping","id":"kept"}', qos=1, retain=True)
+        async with client(fleet, "a1", clean_session=False) as a1:
+            await a1.subscribe(TOPICS.cmd("a1"), qos=1)
+            await ops.publish(TOPICS.cmd("a1"), b'{"command":"ping","id":"for-a1"}', qos=1)
+            first = await next_message(a1)  # a2's retained messages would have come first
+            assert str(first.topic) == TOPICS.cmd("a1"), (first.topic, first.payload)
+        await ops.publish(TOPICS.cmd("a2"), b"", qos=1, retain=True)
+
+
 async def test_forged_result_for_another_agent_is_not_recorded(
     fleet: Fleet, tmp_path: Path
 ) -> None:

@@ -6,6 +6,7 @@ Only the controller imports this module (amqtt is not an agent dependency)."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -209,3 +210,29 @@ class AuthenticatingBroker(Broker):  # type: ignore[misc]
         if session.keep_alive > 0 and isinstance(delay, int):
             session.keep_alive += delay
         return handler, session
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
+        """Retained messages for one of ``session``'s own subscriptions, each only if the
+        session may receive it. amqtt calls this on connect for *every* client's filters and
+        asks no topic plugin, which handed any login other agents' retained messages."""
+        topic_filter, qos = subscription
+        subscribers = self._subscriptions.get(topic_filter, ())
+        if not any(s.client_id == session.client_id for s, _ in subscribers):
+            return
+        handler = self._get_handler(session)
+        if handler is None:
+            return
+        sends = [
+            asyncio.ensure_future(
+                handler.mqtt_publish(
+                    retained.topic, retained.data, min(qos, retained.qos or qos), retain=True
+                )
+            )
+            for topic, retained in list(self._retained_messages.items())
+            if self._matches(topic, topic_filter)
+            and await self._topic_filtering(session, topic, Action.RECEIVE)
+        ]
+        if sends:
+            await asyncio.wait(sends)
