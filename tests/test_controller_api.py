@@ -182,3 +182,18 @@ async def test_oversize_body_is_413_before_it_is_read(controller: Controller) ->
     )
     assert r.status_code == 413
     assert r.json()["error"] == "payload_too_large"
+
+
+async def test_chunked_oversize_body_is_413_once_over_the_limit(controller: Controller) -> None:
+    """A body without a length (chunked) is cut off with 413 once it passes max_body_bytes."""
+
+    async def endless() -> AsyncIterator[bytes]:
+        yield b'{"target":"a1","command":"ping","args":{"pad":"'
+        for _ in range(64):
+            yield b"x" * (64 * 1024)
+
+    r = await controller.http.post(
+        "/api/v1/commands", content=endless(), headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 413, r.text
+    assert r.json()["error"] == "payload_too_large"

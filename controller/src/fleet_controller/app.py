@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fleet_agent.errors import FleetError
 from fleet_agent.signing import Signer
@@ -130,7 +130,26 @@ class BodyLimit:
                     )
                     await _error(413, body)(scope, receive, send)
                     return
+            await self.app(scope, self._counting(receive), send)
+            return
         await self.app(scope, receive, send)
+
+    def _counting(self, receive: Receive) -> Receive:
+        """``receive`` that stops a body without a length (chunked) once it is over the limit."""
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise StarletteHTTPException(
+                        413, f"request body is over {self.max_bytes} bytes"
+                    )
+            return message
+
+        return counted
 
 
 def _error(status_code: int, body: ErrorBody) -> JSONResponse:
@@ -154,7 +173,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
+            exc.status_code, "http_error"
+        )
         return _error(exc.status_code, ErrorBody(error=code, message=str(exc.detail)))
 
     @app.exception_handler(FleetError)
