@@ -120,11 +120,16 @@ def banner_token(banner: list[str]) -> str:
 async def test_fleet_up_token_is_private_works_as_printed_and_outlives_a_crash(
     tmp_path: Path,
 ) -> None:
-    """The token is in a 0600 state file, works in the printed curl, outlives a crash only."""
+    """The token is in a 0600 state file (nothing secret in the state dir is readable by others),
+    works in the printed curl, and outlives a crash only."""
     ports = ("--mqtt-port", str(free_port()), "--http-port", str(free_port()))
     async with fleet_up(tmp_path, "--agents", "1", *ports) as (proc, banner):
         state = tmp_path / "state" / "fleet.json"
         assert stat.S_IMODE(state.stat().st_mode) == 0o600
+        public = {"fleet-signing.pub", "mosquitto.acl"}
+        for path in (tmp_path / "state").rglob("*"):  # databases hold command output too
+            if path.name not in public:
+                assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path
         token = banner_token(banner)
         assert json.loads(state.read_text())["token"] == token
         curl = shlex.split(next(line.strip() for line in banner if line.strip().startswith("curl")))

@@ -122,7 +122,9 @@ async def run_up(options: UpOptions, console: Console) -> None:
     state_dir = options.state_dir
     server_tls = ServerTLS.from_flags(options.tls_cert, options.tls_key, options.tls_ca)
     tls = client_tls(server_tls)
-    state_dir.mkdir(parents=True, exist_ok=True)
+    # The state dir holds command arguments and output, passwords and keys: this user only.
+    os.umask(0o077)
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     signing_key, public_key = signing_keys(state_dir)
     http_sock = bind_tcp(options.http_host, options.http_port, what="HTTP", flag="--http-port")
     mqtt_port = options.mqtt_port
