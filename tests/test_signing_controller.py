@@ -59,3 +59,20 @@ def test_bad_signing_key_is_a_config_error(tmp_path: Path, keys: KeyPair) -> Non
         create_app(controller_settings(endpoint, db, signing_key=tmp_path / "nope.key"))
     with pytest.raises(ConfigError, match="not an unencrypted PEM private key"):
         create_app(controller_settings(endpoint, db, signing_key=keys[1]))
+
+
+async def test_ttl_longer_than_agents_accept_is_refused_up_front(
+    amqtt_broker: BrokerEndpoint, tmp_path: Path, keys: KeyPair
+) -> None:
+    """With a signing key, a ttl past signed_max_ttl is a 422 instead of a later refusal on
+    every agent, and a default_ttl past it stops the start."""
+    settings = controller_settings(amqtt_broker, tmp_path / "f.sqlite3", signing_key=keys[0])
+    runner = AgentRunner(amqtt_broker, tmp_path, command_public_key=keys[1])
+    async with run_controller(settings) as c, runner.run("a1"):
+        await c.wait_agent("a1")
+        r = await c.send(target="a1", command="ping", ttl=8 * 86400)
+        assert r.status_code == 422 and "signed_max_ttl" in r.json()["message"], r.text
+        r = await c.send(target="a1", command="ping", ttl=6 * 86400, wait=10)
+        assert r.json()["status"] == "succeeded", r.text
+    with pytest.raises(ConfigError, match="signed_max_ttl"):
+        create_app(settings.model_copy(update={"default_ttl": 8 * 86400.0}))

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fleet_agent.errors import FleetError
+from fleet_agent.errors import ConfigError, FleetError
 from fleet_agent.signing import Signer
 from fleet_controller.api import api, health
 from fleet_controller.api_tokens import token_api
@@ -36,6 +36,11 @@ def create_app(settings: ControllerSettings) -> FastAPI:
     # Loaded here, not in the lifespan, so that a bad key file stops the start with a
     # ConfigError instead of a failed lifespan.
     signer = Signer.from_file(settings.signing_key) if settings.signing_key else None
+    if signer is not None and settings.default_ttl > settings.signed_max_ttl:
+        raise ConfigError(
+            f"default_ttl ({settings.default_ttl:g}s) is longer than signed_max_ttl"
+            f" ({settings.signed_max_ttl:g}s): agents would refuse every signed command"
+        )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:

@@ -58,6 +58,13 @@ class Dispatcher:
             unknown = [a for a in agents if a not in known]
             if unknown and not request.allow_unknown:
                 raise UnknownAgents(unknown)
+        ttl = request.ttl or self.settings.default_ttl
+        if self.settings.signing_key is not None and ttl > self.settings.signed_max_ttl:
+            raise InvalidCommand(
+                f"ttl {ttl:g}s is longer than signed_max_ttl ({self.settings.signed_max_ttl:g}s):"
+                " agents refuse signed commands that expire further ahead than their ledger"
+                " remembers ids"
+            )
         record = NewCommand(
             id=new_command_id(),
             command=request.command,
@@ -65,7 +72,7 @@ class Dispatcher:
             target=request.target,
             source=Source.HTTP,
             timeout=request.timeout,
-            ttl=request.ttl or self.settings.default_ttl,
+            ttl=ttl,
             created_at=utcnow(),
             sent_by=caller,
         )

@@ -60,6 +60,13 @@ class ControllerSettings(BrokerSettings):
         description="Ed25519 private key (PEM) that signs every command the controller sends,"
         " for agents that require signatures (see docs/signing.md).",
     )
+    signed_max_ttl: float = Field(
+        default=7 * 86400,
+        gt=0,
+        description="With signing_key, the longest ttl a command may have: agents refuse signed"
+        " commands that expire further ahead than their ledger_retention_days (7 days by"
+        " default). Raise both together.",
+    )
     log_level: LogLevel = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR.")
 
     @property
