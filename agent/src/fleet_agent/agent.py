@@ -80,7 +80,11 @@ class Agent:
         self.id = settings.agent_id
         self.registry = registry if registry is not None else build_registry(settings)
         self.topics = Topics(settings.prefix)
-        self.policy = Policy(enabled=settings.enabled_commands, run_allow=settings.run_allow)
+        self.policy = Policy(
+            enabled=settings.enabled_commands,
+            run_allow=settings.run_allow,
+            env_allow=settings.run_env_allow,
+        )
         self.online = asyncio.Event()
         """Set while connected, subscribed and announced; cleared on connection loss."""
         self.started_at = utcnow()

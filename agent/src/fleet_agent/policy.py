@@ -2,7 +2,9 @@
 
 `run` is off unless executables are allowed explicitly (`run_allow`); `*` allows any. An
 allowed executable is compared by its real path, and `run` is given that path, so neither
-a PATH in the command's `env` nor a symlink can swap in another program.
+a PATH in the command's `env` nor a symlink can swap in another program. Unless any program
+may run, `env` may set only the variables in `run_env_allow`: LD_PRELOAD, PYTHONPATH, BASH_ENV
+and their kind would otherwise make an allowed program run someone else's code.
 """
 
 from __future__ import annotations
@@ -28,12 +30,19 @@ def _resolve(executable: str) -> str | None:
 
 
 class Policy:
-    def __init__(self, *, enabled: Iterable[str] | None, run_allow: Iterable[str]) -> None:
+    def __init__(
+        self,
+        *,
+        enabled: Iterable[str] | None,
+        run_allow: Iterable[str],
+        env_allow: Iterable[str] = (),
+    ) -> None:
         self.enabled = frozenset(enabled) if enabled is not None else None
         allow = list(run_allow)
         self.run_any = ANY in allow
         self.run_allow = {p for p in (_resolve(a) for a in allow if a != ANY) if p is not None}
         self.run_enabled = bool(allow) and (self.enabled is None or RUN in self.enabled)
+        self.env_allow = frozenset(env_allow)
 
     def allows(self, name: str) -> bool:
         if name == RUN:
@@ -55,4 +64,8 @@ class Policy:
             return args, None
         if resolved is None or resolved not in self.run_allow:
             return None, f"executable {program!r} is not allowed on this agent (run_allow)"
+        if ANY not in self.env_allow:
+            refused = ", ".join(repr(n) for n in sorted(set(args.env) - self.env_allow))
+            if refused:
+                return None, f"{refused} may not be set in env on this agent (run_env_allow)"
         return args.model_copy(update={"argv": [resolved, *args.argv[1:]]}), None

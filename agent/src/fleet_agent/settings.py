@@ -142,6 +142,11 @@ class AgentSettings(BrokerSettings):
         description="Commands this agent accepts (default: every registered one; `run` also"
         " needs run_allow).",
     )
+    run_env_allow: list[str] = Field(
+        default_factory=list,
+        description="Environment variables a `run` command may set in `env`; `*` allows any."
+        " Ignored when run_allow is `*` (any program may run anyway).",
+    )
     run_allow: list[str] = Field(
         default_factory=list,
         description="Executables `run` may start (names on PATH or paths); `*` allows any."
