@@ -141,6 +141,24 @@ class TestAuthentication:
         assert r.status_code == 204, r.text
         assert_refused(await as_token(controller, created["token"], "GET", "/api/v1/agents"), 401)
 
+    async def test_revoking_a_token_ends_its_open_event_stream(
+        self, controller: Controller
+    ) -> None:
+        """An /events stream opened with a token ends with `revoked` once the token is."""
+        created = await issue(controller, Scope.READ)
+        headers = bearer(created["token"])
+        async with (
+            httpx.AsyncClient(base_url=controller.url, headers=headers) as http,
+            http.stream("GET", "/api/v1/events") as stream,
+        ):
+            events = stream.aiter_lines()
+            assert await anext(events) == "event: ready"
+            r = await controller.http.delete(f"/api/v1/tokens/{created['id']}")
+            assert r.status_code == 204, r.text
+            await controller.send(target=AGENT, command="ping")  # any change wakes the stream
+            seen = [line async for line in events if line.startswith("event:")]
+        assert seen[-1] == "event: revoked", seen
+
 
 class TestScopes:
     async def test_read_token_cannot_dispatch_and_nothing_reaches_the_agent(

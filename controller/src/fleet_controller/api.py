@@ -11,8 +11,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from fleet_agent.errors import FleetError
 from fleet_agent.protocol import AgentId, AgentState, CommandStatus
-from fleet_controller.auth import AdminDep, OperateDep, require_read
+from fleet_controller.auth import AdminDep, OperateDep, identify, require_read
 from fleet_controller.errors import NotFound
 from fleet_controller.models import (
     AgentPublic,
@@ -132,8 +133,16 @@ async def cancel_command(
     response_class=StreamingResponse,
 )
 async def events(services: ServicesDep, request: Request) -> StreamingResponse:
+    def allowed() -> bool:
+        """Whether the request's token is still valid (checked before every event)."""
+        try:
+            identify(request, services)
+        except FleetError:
+            return False
+        return True
+
     return StreamingResponse(
-        services.dispatcher.changes(request.is_disconnected),
+        services.dispatcher.changes(request.is_disconnected, allowed),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-store"},
     )

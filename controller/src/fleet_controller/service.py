@@ -210,12 +210,18 @@ class Dispatcher:
                     async with asyncio.timeout(remaining):
                         await changed.wait()
 
-    async def changes(self, disconnected: Callable[[], Awaitable[bool]]) -> AsyncIterator[str]:
+    async def changes(
+        self, disconnected: Callable[[], Awaitable[bool]], allowed: Callable[[], bool]
+    ) -> AsyncIterator[str]:
         """Server-sent events: `change` when anything changed (coalesced), comments to keep
-        the connection alive, until the client goes away."""
+        the connection alive, until the client goes away or ``allowed`` turns false (its
+        token was revoked): then one `revoked` event ends the stream."""
         with self.hub.watch() as changed:
             yield "event: ready\ndata: {}\n\n"
             while not await disconnected():
+                if not allowed():
+                    yield "event: revoked\ndata: {}\n\n"
+                    return
                 if await _heartbeat_or_change(changed):
                     changed.clear()
                     yield "event: change\ndata: {}\n\n"
