@@ -101,8 +101,8 @@ def examples(
     sign = f"{_cli()} sign --key {shlex.quote(str(signing_key))} --to {target} --id hello-1 ping"
 
     def login(user: str) -> str:
-        password = passwords[user].read_text().strip()
-        return f"-i {user} -u {user} -P {shlex.quote(password)}"
+        # Read from its file when run: the password stays out of the terminal's scrollback.
+        return f'-i {user} -u {user} -P "$(cat {shlex.quote(str(passwords[user]))})"'
 
     return [
         f"curl -s -X POST '{url}/api/v1/commands?wait=5' -H 'content-type: application/json'"
