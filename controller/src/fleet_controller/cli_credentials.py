@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from fleet_agent.errors import ConfigError, FleetError
+from fleet_controller.cli_support import console, fail
 from fleet_controller.credentials import Credentials, Role
 from fleet_controller.serve import default_state_dir
 
@@ -18,8 +18,6 @@ app = typer.Typer(
     help="MQTT users: one per agent, the controller and each operator, with topic ACLs by role.",
     no_args_is_help=True,
 )
-console = Console()
-errors = Console(stderr=True)
 
 DirOption = Annotated[
     Path | None,
@@ -51,8 +49,7 @@ def _open(directory: Path | None, prefix: str | None = None) -> Credentials:
 
 
 def _fail(exc: FleetError) -> typer.Exit:
-    errors.print(f"[red]fleet:[/] {exc}", highlight=False)
-    return typer.Exit(2)
+    return fail(str(exc))
 
 
 @app.command()

@@ -23,13 +23,9 @@ from fleet_agent.protocol import (
     utcnow,
 )
 from fleet_agent.signing import Signer, generate_key_pair
+from fleet_controller.cli_support import fail
 
 keys_app = typer.Typer(name="keys", help="Keys for signed commands.", no_args_is_help=True)
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"fleet: {message}", err=True)
-    return typer.Exit(2)
 
 
 @keys_app.command()
@@ -40,7 +36,7 @@ def generate(
     try:
         private, public = generate_key_pair(directory)
     except FleetError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     typer.echo(f"private key: {private}  (mode 0600: the controller and operators only)")
     typer.echo(f"public key:  {public}  (copy to every agent)")
     typer.echo("configure:")
@@ -78,20 +74,20 @@ def sign(
     try:
         parsed = json.loads(args)
     except ValueError as exc:
-        raise _fail(f"--args is not JSON: {exc}") from None
+        raise fail(f"--args is not JSON: {exc}") from None
     if not isinstance(parsed, dict):
-        raise _fail(f"--args must be a JSON object, not {type(parsed).__name__}")
+        raise fail(f"--args must be a JSON object, not {type(parsed).__name__}")
     try:
         check_sendable(parsed)
     except PayloadError as exc:
-        raise _fail(f"--args: {exc}") from None
+        raise fail(f"--args: {exc}") from None
     try:
         topics = Topics(prefix)
         topic = topics.broadcast_cmd if to == BROADCAST else topics.cmd(to)
     except InvalidAgentId as exc:
-        raise _fail(f"--to: {exc}") from None
+        raise fail(f"--to: {exc}") from None
     except ValueError as exc:
-        raise _fail(f"--prefix: {exc}") from None
+        raise fail(f"--prefix: {exc}") from None
     try:
         wire = Command(
             command=command,
@@ -101,9 +97,9 @@ def sign(
             expires_at=utcnow() + timedelta(seconds=ttl),
         )
     except ValidationError as exc:
-        raise _fail(f"invalid command: {describe_validation_error(exc)}") from None
+        raise fail(f"invalid command: {describe_validation_error(exc)}") from None
     try:
         payload = Signer.from_file(key).encode(topic, wire)
     except FleetError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     typer.echo(payload.decode())

@@ -8,12 +8,14 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console, RenderableType
+from rich.markup import escape
 
 from fleet_controller.client import ApiError, FleetClient
 from fleet_controller.serve import read_state
 
 console = Console()
-errors = Console(stderr=True)
+# Errors stay on one line whatever the terminal width, so they read (and grep) as one.
+errors = Console(stderr=True, soft_wrap=True)
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -40,7 +42,8 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print the raw JSON ins
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    errors.print(f"[red]fleet:[/] {message}", highlight=False)
+    # Messages quote user input and validation errors: brackets there are not markup.
+    errors.print(f"[red]fleet:[/] {escape(message)}", highlight=False)
     return typer.Exit(code)
 
 

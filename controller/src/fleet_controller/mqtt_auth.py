@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.broker import Broker, BrokerContext
@@ -25,8 +23,16 @@ from amqtt.plugins.base import BaseTopicPlugin
 from amqtt.session import Session
 from amqtt.utils import gen_client_id
 
+from fleet_agent.errors import ConfigError
 from fleet_agent.protocol import DEFAULT_PREFIX
-from fleet_controller.credentials import Access, Role, filter_covers, topic_rules, valid_prefix
+from fleet_controller.credentials import (
+    Access,
+    Role,
+    filter_covers,
+    load_users,
+    topic_rules,
+    valid_prefix,
+)
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +127,11 @@ class FleetTopicPlugin(BaseTopicPlugin):  # type: ignore[misc]
         if stamp == self._roles.stamp:
             return
         try:
-            raw: Any = json.loads(self._path.read_text(encoding="utf-8"))
-            roles = {name: Role(entry["role"]) for name, entry in raw["users"].items()}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            log.error("keeping the previous MQTT roles: cannot read %s: %r", self._path, exc)
+            if stamp is None:
+                raise ConfigError(f"{self._path} does not exist")
+            roles = {user.name: user.role for user in load_users(self._path).values()}
+        except ConfigError as exc:
+            log.error("keeping the previous MQTT roles: %s", exc)
             return
         self._roles = _Roles(stamp, roles)
 

@@ -212,7 +212,7 @@ async def run_up(options: UpOptions, console: Console) -> None:
         stack.callback(lambda: state_path.unlink(missing_ok=True))
         _banner(
             console, url, client_host, mqtt_port, ids, elapsed, state_dir, passwords, server_tls,
-            token=token,
+            token=token, signing_key=signing_key,
         )  # fmt: skip
         await stop.wait()
         console.print("\n[bold]stopping[/]: agents, controller, broker ...")
@@ -231,6 +231,7 @@ def _banner(
     tls: ServerTLS | None = None,
     *,
     token: str,
+    signing_key: Path,
 ) -> None:
     console.print(f"[bold green]fleet is up[/] in {elapsed:.2f}s")
     console.print(f"  API        {url}/api/v1   (docs: {url}/docs)")
@@ -246,8 +247,8 @@ def _banner(
         soft_wrap=True,
     )
     console.print("\n[bold]try[/]:")
-    key = signing_keys(state_dir)[0]
-    lines = examples(url, mqtt_host, mqtt_port, ids[0] if ids else None, passwords, key, tls, token)
+    target = ids[0] if ids else None
+    lines = examples(url, mqtt_host, mqtt_port, target, passwords, signing_key, tls, token)
     for line in lines:
         console.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
     console.print("\nCtrl-C stops everything.")
